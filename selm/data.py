@@ -1,0 +1,144 @@
+"""Preference data: loading (hub or local file), UltraFeedback-schema validation, portions, trainer format.
+
+A row has `prompt` (str), `prompt_id` (str), `chosen` and `rejected` (lists of {role, content} messages ending in
+the assistant's answer); score columns are optional. Conversations may be multi-turn and start with a system
+message: the prompt of a row is every message before its final assistant turn, shared by chosen and rejected.
+"""
+
+from pathlib import Path
+
+import numpy as np
+
+from selm.errors import SELMError
+
+REQUIRED_COLUMNS = ("prompt", "prompt_id", "chosen", "rejected")
+LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+ROLES = ("system", "user", "assistant")
+
+
+def load_preference_data(name: str, split: str = "train", config: str | None = None, max_samples: int | None = None):
+    """Load a hub dataset split (slices allowed, e.g. 'train_prefs[:1000]') or a local json/jsonl/parquet file."""
+    import datasets
+
+    path = Path(name)
+    if path.suffix in LOCAL_FORMATS or path.exists():
+        if not path.is_file():
+            raise SELMError(f"dataset file not found: {path}")
+        if path.suffix not in LOCAL_FORMATS:
+            raise SELMError(f"{path}: unsupported dataset format; use one of {sorted(LOCAL_FORMATS)}")
+        dataset = datasets.load_dataset(LOCAL_FORMATS[path.suffix], data_files=str(path), split="train")
+        source = str(path)
+    else:
+        dataset = datasets.load_dataset(name, config, split=split)
+        source = f"{name}:{split}"
+    if max_samples is not None:
+        dataset = dataset.select(range(min(max_samples, len(dataset))))
+    validate_preference_data(dataset, source)
+    return dataset
+
+
+def _check_messages(messages, source: str, row: int, column: str) -> None:
+    def bad(why):
+        return SELMError(f"{source}: row {row}, column '{column}': {why}")
+
+    if not isinstance(messages, list) or not messages:
+        raise bad("expected a non-empty list of {role, content} messages")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or not {"role", "content"} <= set(message):
+            raise bad(f"message {i} is not a {{role, content}} mapping")
+        if message["role"] not in ROLES:
+            raise bad(f"message {i} has role {message['role']!r}; expected one of {list(ROLES)}")
+        if not isinstance(message["content"], str):
+            raise bad(f"message {i} content is not a string")
+    if messages[-1]["role"] != "assistant":
+        raise bad("the last message must be the assistant's answer")
+    if len(messages) < 2 or messages[-2]["role"] != "user":
+        raise bad("the assistant's answer must follow a user message")
+
+
+def validate_preference_data(dataset, source: str) -> None:
+    """Raise SELMError naming the source, row and column of the first malformed row."""
+    missing = [c for c in REQUIRED_COLUMNS if c not in dataset.column_names]
+    if missing:
+        raise SELMError(f"{source}: missing column '{missing[0]}' (the UltraFeedback schema needs {list(REQUIRED_COLUMNS)})")
+    if len(dataset) == 0:
+        raise SELMError(f"{source}: no rows")
+    for row, example in enumerate(dataset.select_columns(list(REQUIRED_COLUMNS))):
+        for column in ("prompt", "prompt_id"):
+            if not isinstance(example[column], str):
+                raise SELMError(f"{source}: row {row}, column '{column}': expected a string")
+        for column in ("chosen", "rejected"):
+            _check_messages(example[column], source, row, column)
+        if example["chosen"][:-1] != example["rejected"][:-1]:
+            raise SELMError(f"{source}: row {row}, column 'rejected': its prompt messages differ from 'chosen'")
+
+
+def prompt_messages(example) -> list[dict]:
+    """Every message before the final assistant turn (system message and earlier turns included)."""
+    return list(example["chosen"][:-1])
+
+
+def portion_bounds(num_rows: int, num_portions: int, index: int) -> tuple[int, int]:
+    """[start, end) of portion `index` when `num_rows` are cut into `num_portions` contiguous, near-equal slices."""
+    if not 0 <= index < num_portions:
+        raise SELMError(f"portion {index} does not exist: the data is split into {num_portions} portions")
+    edges = np.linspace(0, num_rows, num_portions + 1).round().astype(int)
+    return int(edges[index]), int(edges[index + 1])
+
+
+def select_portion(dataset, num_portions: int, index: int, mode: str = "contiguous", seed: int = 42):
+    """The `index`-th of `num_portions` portions: contiguous slices (the paper), or slices of a seeded shuffle."""
+    if mode not in ("contiguous", "shuffled"):
+        raise SELMError(f"portion_split is {mode!r}; expected 'contiguous' or 'shuffled'")
+    order = np.arange(len(dataset))
+    if mode == "shuffled":
+        order = np.random.default_rng(seed).permutation(len(dataset))
+    start, end = portion_bounds(len(dataset), num_portions, index)
+    if start == end:
+        raise SELMError(f"portion {index + 1} of {num_portions} has zero rows ({len(dataset)} rows in all)")
+    return dataset.select(order[start:end])
+
+
+def assistant(text: str) -> list[dict]:
+    return [{"role": "assistant", "content": text}]
+
+
+def to_trainer_format(example) -> dict:
+    """UltraFeedback row -> trl's conversational preference format (+ reference_response when present)."""
+    out = {
+        "prompt": prompt_messages(example),
+        "chosen": [example["chosen"][-1]],
+        "rejected": [example["rejected"][-1]],
+    }
+    if "reference_response" in example and example["reference_response"] is not None:
+        out["reference_response"] = assistant(example["reference_response"])
+    return out
+
+
+def ensure_portion(recipe):
+    """Write `iter-K/portion.parquet` (this iteration's slice of the data) unless it exists; return its path.
+
+    The source data is validated on the way, so a malformed row fails here with its file, row and column.
+    """
+    from selm.io import write_parquet
+
+    path = recipe.iter_dir() / "portion.parquet"
+    if path.exists():
+        return path
+    p = recipe.pipeline
+    dataset = load_preference_data(p.dataset_name, p.dataset_split, p.dataset_config, p.max_samples)
+    portion = select_portion(dataset, recipe.num_portions, recipe.portion_index, p.portion_split, p.split_seed)
+    write_parquet(portion.flatten_indices(), path, metadata={
+        "dataset": p.dataset_name, "split": p.dataset_split, "portion": recipe.portion_index,
+        "num_portions": recipe.num_portions, "portion_split": p.portion_split, "rows": len(portion),
+    })
+    return path
+
+
+def read_parquet_dataset(path):
+    """A parquet artifact of a run as a `datasets.Dataset`; a missing file is a one-line error naming it."""
+    import datasets
+
+    if not Path(path).is_file():
+        raise SELMError(f"missing input: {path} (run the previous stage first)")
+    return datasets.Dataset.from_parquet(str(path))

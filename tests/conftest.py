@@ -1,0 +1,55 @@
+"""Shared fixtures: everything is built locally; the hub is switched off for the whole session."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("WANDB_DISABLED", "true")
+
+import json  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def fixture_file(tmp_path_factory):
+    """The 100-row fixture in the UltraFeedback schema, as JSON lines."""
+    from selm.tiny import fixture_rows
+
+    path = tmp_path_factory.mktemp("data") / "fixture.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in fixture_rows(100)))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny Llama (head_dim 64) with a locally trained tokenizer, saved as an ordinary model directory."""
+    from selm.tiny import save_tiny_model
+
+    path = tmp_path_factory.mktemp("models") / "tiny-llama"
+    save_tiny_model(path)
+    return path
+
+
+@pytest.fixture
+def smoke_recipe(tmp_path, fixture_file, tiny_model_dir):
+    """Write a copy of recipes/smoke/selm.yaml pointing at the session's model, data and a fresh run dir.
+
+    Returns a function taking extra {key: value} overrides and returning the recipe path.
+    """
+    import yaml
+
+    def make(**overrides):
+        recipe = yaml.safe_load((REPO / "recipes/smoke/selm.yaml").read_text())
+        recipe.update(model_name_or_path=str(tiny_model_dir), dataset_name=str(fixture_file),
+                      output_dir=str(tmp_path / "run"))
+        recipe.update(overrides)
+        path = tmp_path / "recipe.yaml"
+        path.write_text(yaml.safe_dump(recipe))
+        return path
+
+    return make
