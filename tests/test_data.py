@@ -74,12 +74,12 @@ def test_multi_turn_prompt_is_everything_before_the_final_answer():
 def test_contiguous_portions_cover_the_data_in_order():
     import datasets
     ds = datasets.Dataset.from_list([{"i": i} for i in range(10)])
-    parts = [select_portion(ds, 3, k)["i"] for k in range(3)]
+    parts = [list(select_portion(ds, 3, k)["i"]) for k in range(3)]
     assert sum(parts, []) == list(range(10)) and [len(p) for p in parts] == [3, 4, 3]
     assert portion_bounds(61135, 4, 3) == (45851, 61135)
-    shuffled = [select_portion(ds, 3, k, "shuffled", seed=1)["i"] for k in range(3)]
+    shuffled = [list(select_portion(ds, 3, k, "shuffled", seed=1)["i"]) for k in range(3)]
     assert sorted(sum(shuffled, [])) == list(range(10)) and sum(shuffled, []) != list(range(10))
-    assert shuffled == [select_portion(ds, 3, k, "shuffled", seed=1)["i"] for k in range(3)]
+    assert shuffled == [list(select_portion(ds, 3, k, "shuffled", seed=1)["i"]) for k in range(3)]
     with pytest.raises(SELMError, match="portion 1 of 20 has zero rows"):
         select_portion(ds, 20, 0)
 
