@@ -1,0 +1,25 @@
+"""Ranking stage: python scripts/rank.py RECIPE.yaml --iteration K [--key value ...] [--dry_run]
+
+Reads RUN_DIR/iter-K/generated.parquet and writes iter-K/ranked.parquet, iter-K/ranking_dropped.parquet and
+iter-K/rank_report.json (see selm/ranking.py for the candidates, update rules and tie rule).
+"""
+
+import sys
+
+from selm.configs import main_guard, parse_recipe
+
+
+@main_guard
+def main(argv=None):
+    recipe, dry_run = parse_recipe(argv, stage="rank")
+    if dry_run:
+        print(recipe.to_yaml())
+        return 0
+    from selm.ranking import run_ranking_stage
+
+    run_ranking_stage(recipe)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
