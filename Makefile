@@ -91,8 +91,8 @@ endif
 # Expands the sweep into one run directory per combination, runs them one after another, then writes the table.
 sweep: $(VENV)/.installed
 	@test -n "$(SWEEP)" || { echo "error: make sweep needs SWEEP=path/to/sweep.yaml" >&2; exit 2; }
-	$(PY) scripts/sweep.py expand $(SWEEP) > $(RUN_ROOT)/.sweep-runs.tmp
-	@while read -r recipe run_dir; do \
-	  $(MAKE) --no-print-directory run RECIPE=$$recipe RUN_DIR=$$run_dir LAUNCH="$(or $(LAUNCH),$(ACCELERATE))" GPUS=$(NUM_GPUS) || exit $$?; \
-	done < $(RUN_ROOT)/.sweep-runs.tmp
+	@runs=$$($(PY) scripts/sweep.py expand $(SWEEP)) || exit $$?; \
+	while read -r recipe run_dir; do \
+	  $(MAKE) --no-print-directory run RECIPE=$$recipe RUN_DIR=$$run_dir LAUNCH="$(or $(LAUNCH),$(ACCELERATE))" $(if $(LAUNCH),,GPUS=$(NUM_GPUS)) || exit $$?; \
+	done <<< "$$runs"
 	$(PY) scripts/sweep.py table $(SWEEP)

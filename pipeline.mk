@@ -17,11 +17,11 @@ endif
 
 RUN_DIR ?= $(RUN_ROOT)/$(notdir $(patsubst %/,%,$(dir $(RECIPE))))-$(basename $(notdir $(RECIPE)))
 LAUNCH ?= $(PY)
-# Flat YAML, so the two keys that shape the plan are read with sed (overriding them in ARGS is refused by freeze).
+# Flat YAML, so the keys that shape the plan are read with sed (overriding the first two in ARGS is refused by freeze).
 RECIPE_ITERS := $(shell sed -n 's/^num_iterations: *\([0-9][0-9]*\).*/\1/p' $(RECIPE))
 HAS_ITER0 := $(filter true True,$(shell sed -n 's/^dpo_iteration_zero: *\([A-Za-z]*\).*/\1/p' $(RECIPE)))
 ITER ?= $(or $(RECIPE_ITERS),3)
-ITER0_DIR := $(or $(shell echo '$(ARGS)' | sed -n 's/.*--iteration_zero_dir[ =]\([^ ]*\).*/\1/p'),$(RUN_DIR)/iter-0)
+ITER0_DIR := $(or $(shell echo '$(ARGS)' | sed -n 's/.*--iteration_zero_dir[ =]\([^ ]*\).*/\1/p'),$(shell sed -n 's/^iteration_zero_dir: *\([^ #]*\).*/\1/p' $(RECIPE)),$(RUN_DIR)/iter-0)
 
 NUMBERS := 0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20
 ITERATIONS := $(if $(HAS_ITER0),0) $(wordlist 2,$(words x $(wordlist 1,$(ITER),$(NUMBERS))),$(NUMBERS))

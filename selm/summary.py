@@ -1,0 +1,130 @@
+"""What each iteration of a run produced, from the artifacts themselves: summary.json, summary.md and summary.png."""
+
+import json
+import re
+from pathlib import Path
+
+from selm.errors import SELMError
+from selm.io import atomic_path, write_text
+
+
+def _iteration_dirs(run_dir: Path) -> list[tuple[int, Path]]:
+    found = []
+    for path in run_dir.iterdir():
+        if m := re.fullmatch(r"iter-(\d+)", path.name):
+            found.append((int(m[1]), path.resolve()))
+    import yaml
+
+    frozen = run_dir / "recipe.yaml"
+    shared = frozen.exists() and (yaml.safe_load(frozen.read_text()) or {}).get("iteration_zero_dir")
+    if shared and Path(shared).is_dir() and 0 not in dict(found):
+        found.append((0, Path(shared).resolve()))
+    return sorted(found)
+
+
+def _rows(path: Path) -> int | None:
+    if not path.exists():
+        return None
+    import pyarrow.parquet as pq
+
+    return pq.ParquetFile(path).metadata.num_rows
+
+
+def _mean(values):
+    return sum(values) / len(values) if values else None
+
+
+def iteration_summary(k: int, d: Path) -> dict:
+    out = {"iteration": k, "dir": str(d), "portion_rows": _rows(d / "portion.parquet"), "generated_rows": _rows(d / "generated.parquet"),
+           "ranked_rows": _rows(d / "ranked.parquet"), "model": str(d / "model") if (d / "model").is_dir() else None}
+    report = d / "rank_report.json"
+    if report.exists():
+        out["rank_report"] = json.loads(report.read_text())
+    if (d / "ranked.parquet").exists():
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(d / "ranked.parquet", columns=["scores", "chosen_index", "rejected_index"]).to_pylist()
+        # candidates are [generated..., original chosen, original rejected]: the first is the reference response
+        out["mean_score"] = {
+            "generated": _mean([r["scores"][0] for r in table]),
+            "original_chosen": _mean([r["scores"][-2] for r in table]),
+            "original_rejected": _mean([r["scores"][-1] for r in table]),
+            "new_chosen": _mean([r["scores"][r["chosen_index"]] for r in table]),
+            "new_rejected": _mean([r["scores"][r["rejected_index"]] for r in table]),
+        }
+    log = d / "train_log.json"
+    if log.exists():
+        history = json.loads(log.read_text())
+        steps = [h for h in history if "loss" in h]
+        out["train"] = {"steps": len(steps), "first_loss": steps[0]["loss"] if steps else None,
+                        "last": steps[-1] if steps else None}
+    return out
+
+
+def summarize_run(run_dir) -> dict:
+    """Write summary.json, summary.md and (with matplotlib) summary.png into the run directory; return the summary."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise SELMError(f"run directory not found: {run_dir}")
+    iterations = [iteration_summary(k, d) for k, d in _iteration_dirs(run_dir)]
+    summary = {"run_dir": str(run_dir), "iterations": iterations}
+    write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
+    write_text(run_dir / "summary.md", to_markdown(summary))
+    _plot(run_dir, iterations)
+    return summary
+
+
+def _fmt(value, digits=3):
+    if value is None:
+        return "-"
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def to_markdown(summary: dict) -> str:
+    lines = [f"# {summary['run_dir']}", "",
+             "| iter | portion | generated | ranked | generated chosen | generated rejected | mean score gen / chosen / rejected | train steps | last loss | model |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for it in summary["iterations"]:
+        report = it.get("rank_report", {})
+        scores = it.get("mean_score", {})
+        train = it.get("train") or {}
+        last = train.get("last") or {}
+        lines.append(
+            f"| {it['iteration']} | {_fmt(it['portion_rows'])} | {_fmt(it['generated_rows'])} | {_fmt(it['ranked_rows'])} "
+            f"| {_fmt(report.get('generated_chosen'))} | {_fmt(report.get('generated_rejected'))} "
+            f"| {' / '.join(_fmt(scores.get(k)) for k in ('generated', 'new_chosen', 'new_rejected'))} "
+            f"| {_fmt(train.get('steps'))} | {_fmt(last.get('loss'), 4)} | {'yes' if it['model'] else 'no'} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _plot(run_dir: Path, iterations: list[dict]) -> None:
+    """Score distributions of the ranked candidates per iteration (the paper's reward figures) and loss curves."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import pyarrow.parquet as pq
+
+    ranked = [(it["iteration"], Path(it["dir"]) / "ranked.parquet") for it in iterations]
+    ranked = [(k, p) for k, p in ranked if p.exists()]
+    logs = [(it["iteration"], Path(it["dir"]) / "train_log.json") for it in iterations]
+    logs = [(k, p) for k, p in logs if p.exists()]
+    if not ranked and not logs:
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for k, path in ranked:
+        rows = pq.read_table(path, columns=["scores", "chosen_index", "rejected_index"]).to_pylist()
+        axes[0].hist([r["scores"][0] for r in rows], bins=20, alpha=0.5, label=f"iter {k}: generated")
+    axes[0].set(title="Ranker score of the generated response", xlabel="score", ylabel="rows")
+    for k, path in logs:
+        history = [h for h in json.loads(path.read_text()) if "loss" in h]
+        axes[1].plot([h.get("step", i) for i, h in enumerate(history)], [h["loss"] for h in history], label=f"iter {k}")
+    axes[1].set(title="Training loss", xlabel="step", ylabel="loss")
+    for ax in axes:
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
+    fig.tight_layout()
+    with atomic_path(run_dir / "summary.png") as tmp:
+        fig.savefig(tmp, format="png", dpi=90)
+    plt.close(fig)
