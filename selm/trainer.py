@@ -1,0 +1,381 @@
+"""`SELMTrainer`: trl 1.16's `DPOTrainer` plus SELM's optimism term (DESIGN.md §1).
+
+    loss = -log σ(β·[(log πθ(y_w) - log πref(y_w)) - (log πθ(y_l) - log πref(y_l))])
+           + α·β·(log πθ(y_ref) - log πref(y_ref))
+
+with token-summed completion log-probs, the log πref(y_ref) part without gradient, and the mean over the batch.
+
+The trainer overrides DPOTrainer at five seams and nowhere else:
+- `_prepare_dataset`: tokenizes `reference_response` exactly like chosen/rejected and keeps the last
+  `max_prompt_length` prompt tokens;
+- the collator (`SELMDataCollator`): rows are [chosen; rejected; reference], so one forward scores all three;
+- `_set_signature_columns_if_needed`: keeps the reference columns;
+- `compute_ref_log_probs` / `_precompute_ref_logps`: reference log-probs of all three completions;
+- `_compute_loss`: the SELM loss and its metrics. Batches without reference rows go to DPOTrainer unchanged.
+"""
+
+import contextlib
+import gc
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate.utils import broadcast_object_list, is_peft_model
+from datasets import Dataset, IterableDataset
+from datasets.fingerprint import Hasher
+from torch.utils.data import DataLoader
+from transformers import AutoProcessor, ProcessorMixin
+from transformers.trainer_utils import get_last_checkpoint
+from trl import DPOTrainer
+from trl.data_utils import _tokenize, common_prefix_length, is_conversational
+from trl.models import prepare_deepspeed
+from trl.models.utils import disable_gradient_checkpointing
+from trl.trainer.dpo_trainer import DataCollatorForPreference
+from trl.trainer.utils import get_config_model_id, pad, use_adapter
+
+from selm.errors import SELMError
+
+REFERENCE = "reference_response"
+GROUPS = ("chosen", "rejected", "reference")
+# Batch keys that are not model inputs.
+NON_MODEL_KEYS = {"completion_mask", "sequence_group", "ref_chosen_logps", "ref_rejected_logps", "ref_reference_logps"}
+
+
+def _column_names(dataset) -> list[str]:
+    names = dataset.column_names
+    if names is None:  # an IterableDataset without known features
+        names = list(next(iter(dataset)).keys())
+    return list(names)
+
+
+def require_reference(dataset, name: str, alpha: float) -> None:
+    """α > 0 is meaningless without y_ref: fail before any tokenization, naming the column."""
+    if alpha > 0 and REFERENCE not in _column_names(dataset):
+        raise SELMError(
+            f"{name} dataset: missing column '{REFERENCE}' (alpha={alpha} > 0 needs the generated response y_ref; "
+            f"columns are {_column_names(dataset)})"
+        )
+
+
+@dataclass
+class SELMDataCollator(DataCollatorForPreference):
+    """DataCollatorForPreference whose rows are [chosen; rejected; reference] when examples carry `reference_ids`.
+
+    Every row is prompt + completion, truncated to `max_length` like trl does, then all rows are padded together.
+    `sequence_group` (0/1/2 per row) tells the trainer the batch has three groups.
+    """
+
+    def torch_call(self, examples):
+        if "reference_ids" not in examples[0]:
+            return super().torch_call(examples)
+        ids, masks = [], []
+        for group in GROUPS:
+            for ex in examples:
+                ids.append(ex["prompt_ids"] + ex[f"{group}_ids"])
+                masks.append([0] * len(ex["prompt_ids"]) + [1] * len(ex[f"{group}_ids"]))
+        if self.max_length is not None:
+            if self.truncation_mode == "keep_start":
+                cut = slice(None, self.max_length)
+            elif self.truncation_mode == "keep_end":
+                cut = slice(-self.max_length, None)
+            else:
+                raise ValueError(f"Unsupported truncation mode: {self.truncation_mode}")
+            ids, masks = [x[cut] for x in ids], [m[cut] for m in masks]
+
+        def padded(rows, value):
+            return pad([torch.tensor(r, dtype=torch.long) for r in rows], padding_value=value,
+                       padding_side="right", pad_to_multiple_of=self.pad_to_multiple_of)
+
+        out = {
+            "input_ids": padded(ids, self.pad_token_id),
+            "attention_mask": padded([[1] * len(r) for r in ids], 0),
+            "completion_mask": padded(masks, 0),
+            "sequence_group": torch.arange(len(GROUPS)).repeat_interleave(len(examples)),
+        }
+        for group in GROUPS:
+            key = f"ref_{group}_logps"
+            if key in examples[0]:
+                out[key] = torch.tensor([ex[key] for ex in examples])
+        return out
+
+
+class _ArgsWithoutLengthFilter:
+    """`args` seen by DPOTrainer._prepare_dataset, minus max_length: its too-long-prompt filter must run after the
+    prompt is cut to max_prompt_length (ours), or rows that the cut would save are dropped."""
+
+    max_length = None
+
+    def __init__(self, args):
+        self._args = args
+
+    def __getattr__(self, name):
+        return getattr(self._args, name)
+
+
+class SELMTrainer(DPOTrainer):
+    """DPOTrainer with SELM's optimism term. `args` is a `SELMConfig` (a DPOConfig with `alpha`, `max_prompt_length`).
+
+    The dataset may carry `reference_response` in the same form as `chosen` (conversational: a list holding the
+    assistant message; standard: a string). With α = 0 and no such column this is exactly DPOTrainer.
+    """
+
+    _tag_names = ["trl", "dpo", "selm"]
+    _name = "SELM"
+
+    def __init__(self, model, ref_model=None, args=None, data_collator=None, train_dataset=None,
+                 eval_dataset=None, processing_class=None, **kwargs):
+        if args is None:
+            raise ValueError("SELMTrainer needs args (a selm.SELMConfig)")
+        self.alpha = float(getattr(args, "alpha", 0.0))
+        if train_dataset is not None:
+            require_reference(train_dataset, "train", self.alpha)
+        has_reference = train_dataset is not None and REFERENCE in _column_names(train_dataset)
+        if has_reference:
+            self._check_supported(args)
+        if data_collator is None and not isinstance(processing_class, ProcessorMixin):
+            if processing_class is None:
+                name = model if isinstance(model, str) else get_config_model_id(model.config)
+                processing_class = AutoProcessor.from_pretrained(name, trust_remote_code=args.trust_remote_code)
+            tokenizer = getattr(processing_class, "tokenizer", processing_class)
+            tokenizer.pad_token = args.pad_token or tokenizer.pad_token or tokenizer.eos_token
+            data_collator = SELMDataCollator(
+                pad_token_id=tokenizer.pad_token_id, max_length=args.max_length,
+                truncation_mode=args.truncation_mode, pad_to_multiple_of=args.pad_to_multiple_of,
+            )
+        super().__init__(model, ref_model=ref_model, args=args, data_collator=data_collator,
+                         train_dataset=train_dataset, eval_dataset=eval_dataset,
+                         processing_class=processing_class, **kwargs)
+        if self.precompute_ref_logps and self.ref_model is not None and not self.args.sync_ref_model:
+            # Every reference log-prob is in the dataset now: the reference model need not stay in memory.
+            self.ref_model = None
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+
+    @staticmethod
+    def _check_supported(args) -> None:
+        """The SELM loss is defined on DPO's sigmoid loss with plain summed log-probs; refuse the other variants."""
+        unsupported = {
+            "loss_type": (list(args.loss_type) != ["sigmoid"], args.loss_type),
+            "f_divergence_type": (str(getattr(args.f_divergence_type, "value", args.f_divergence_type)) != "reverse_kl",
+                                  args.f_divergence_type),
+            "ld_alpha": (args.ld_alpha is not None, args.ld_alpha),
+            "use_weighting": (bool(args.use_weighting), args.use_weighting),
+        }
+        for key, (bad, value) in unsupported.items():
+            if bad:
+                raise SELMError(f"training config: '{key}' is {value!r}; the SELM loss (with '{REFERENCE}') "
+                                "supports only DPO's default sigmoid loss")
+
+    # ---- data ----
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        alpha = float(getattr(args, "alpha", 0.0))
+        max_prompt_length = getattr(args, "max_prompt_length", None)
+        require_reference(dataset, dataset_name, alpha)
+        had_prompt = "prompt" in _column_names(dataset)
+        dataset = super()._prepare_dataset(dataset, processing_class, _ArgsWithoutLengthFilter(args), dataset_name)
+        has_reference = REFERENCE in _column_names(dataset)
+        eos = self._tokenizer.eos_token
+
+        def add_reference(example, index):
+            prompt_ids = example["prompt_ids"]
+            out = {}
+            if has_reference:
+                reference = example[REFERENCE]
+                if reference is None or (isinstance(reference, list) and not reference):
+                    raise SELMError(f"{dataset_name} dataset: row {index}, column '{REFERENCE}': empty")
+                if is_conversational(example):
+                    if not had_prompt and reference[: len(example["prompt"])] == example["prompt"]:
+                        reference = reference[len(example["prompt"]):]  # full conversation given, like chosen
+                    kwargs = dict(example.get("chat_template_kwargs") or {})
+                    if example.get("tools") is not None:
+                        kwargs["tools"] = example["tools"]
+                    full = _tokenize(processing_class, example["prompt"] + reference, **kwargs)["input_ids"]
+                else:
+                    if not had_prompt and reference.startswith(example["prompt"]):
+                        reference = reference[len(example["prompt"]):]
+                    if not reference.endswith(eos):  # trl appends EOS to standard-format chosen/rejected
+                        reference = reference + eos
+                    full = _tokenize(processing_class, example["prompt"] + reference)["input_ids"]
+                shared = common_prefix_length(prompt_ids, full)
+                if shared < len(prompt_ids):
+                    # y_ref's tokens diverge from the prompt earlier than y_w's/y_l's: move the prompt's tail into
+                    # all three completions so they share one prompt and are scored over the same positions.
+                    tail = prompt_ids[shared:]
+                    out["chosen_ids"] = tail + example["chosen_ids"]
+                    out["rejected_ids"] = tail + example["rejected_ids"]
+                    prompt_ids = prompt_ids[:shared]
+                out["reference_ids"] = full[shared:]
+            if max_prompt_length is not None:
+                prompt_ids = prompt_ids[-max_prompt_length:] if max_prompt_length > 0 else []
+            out["prompt_ids"] = prompt_ids
+            return out
+
+        map_kwargs = {"desc": f"Tokenizing reference responses of {dataset_name} dataset"} if isinstance(dataset, Dataset) else {}
+        dataset = dataset.map(add_reference, with_indices=True, **map_kwargs)
+        if args.max_length is not None and args.truncation_mode == "keep_start":
+            # Same rule as trl: a prompt that fills max_length leaves no completion token to learn from.
+            dataset = dataset.filter(lambda ex: len(ex["prompt_ids"]) < args.max_length)
+        return dataset
+
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        for column in ("reference_ids", "ref_reference_logps"):
+            if column not in self._signature_columns:
+                self._signature_columns.append(column)
+
+    # ---- reference log-probs ----
+    def compute_ref_log_probs(self, model, inputs):
+        """Reference log-probs of one padded batch: (chosen, rejected) or (chosen, rejected, reference)."""
+        if "sequence_group" not in inputs:
+            return super().compute_ref_log_probs(model, inputs)
+        with torch.no_grad():
+            return tuple(self._sequence_logps(model, inputs, reference=True)[0].chunk(len(GROUPS)))
+
+    def _sequence_logps(self, model, inputs, reference: bool):
+        """(token-summed completion log-probs per row, the fused head's outputs) from one forward."""
+        model_kwargs = {k: v for k, v in inputs.items() if k not in NON_MODEL_KEYS}
+        model_kwargs["use_cache"] = False
+        if self.aux_loss_enabled and not reference:
+            model_kwargs["output_router_logits"] = True
+        labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
+        context = contextlib.nullcontext()
+        if reference:
+            context = contextlib.ExitStack()
+            context.enter_context(disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs))
+            if self.ref_model is None and is_peft_model(self.model):
+                unwrapped = self.accelerator.unwrap_model(self.model)
+                context.enter_context(use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None))
+            context.enter_context(self.accelerator.autocast())
+        with context:
+            outputs = model(**model_kwargs, labels=labels, fused_lm_head=True)
+        seq_len = inputs["completion_mask"].size(1) - 1
+        # Masked positions are 0 in log_probs, so the row sum is the sum over the completion tokens.
+        return outputs.log_probs[:, -seq_len:].sum(dim=1), outputs
+
+    def _precompute_ref_logps(self, dataset, name, batch_size):
+        if REFERENCE not in _column_names(dataset):
+            return super()._precompute_ref_logps(dataset, name, batch_size)
+        if isinstance(dataset, IterableDataset):
+            raise SELMError("precompute_ref_log_probs: true needs a map-style dataset, not a streaming one")
+        # Scored in order of length, so a batch holds rows of similar length and little padding: this is what makes
+        # the precompute pass cheaper than the reference forwards it replaces. Scattered back to row order below.
+        lengths = np.array([len(p) + max(len(c), len(r), len(f)) for p, c, r, f in zip(
+            dataset["prompt_ids"], dataset["chosen_ids"], dataset["rejected_ids"], dataset["reference_ids"])])
+        order = np.argsort(-lengths, kind="stable")
+        token_columns = ["prompt_ids", "chosen_ids", "rejected_ids", "reference_ids"]
+        loader = DataLoader(dataset.select_columns(token_columns).select(order), batch_size=batch_size,
+                            collate_fn=self.data_collator, shuffle=False,
+                            num_workers=self.args.dataloader_num_workers, pin_memory=self.args.dataloader_pin_memory)
+        loader = self.accelerator.prepare(loader)
+        if self.ref_model is None and self.is_deepspeed_enabled:
+            # Before `train`, ZeRO-3 parameters are still sharded: score through an inference engine (as trl does).
+            if self._precompute_engine is None:
+                self._precompute_engine = prepare_deepspeed(self.model, self.accelerator)
+            model = self._precompute_engine
+        else:
+            model = self.ref_model if self.ref_model is not None else self.model
+        was_training = model.training
+        model.eval()
+        scores = [[] for _ in GROUPS]
+        for batch in loader:
+            for i, logps in enumerate(self.accelerator.gather_for_metrics(self.compute_ref_log_probs(model, batch))):
+                scores[i].append(logps.float().cpu())
+        model.train(was_training)
+        inverse = np.argsort(order)
+        # Every process holds the gathered scores, so each adds the columns itself: no shared cache file needed.
+        for group, group_scores in zip(GROUPS, scores):
+            dataset = dataset.add_column(f"ref_{group}_logps", torch.cat(group_scores).numpy()[inverse].tolist())
+        return dataset
+
+    # ---- loss ----
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        loss = result[0] if return_outputs else result
+        # Every process learns whether any has a non-finite loss, so all stop together instead of one hanging.
+        finite = self.accelerator.gather(torch.isfinite(loss.detach()).all().reshape(1).float()).min().item()
+        if finite < 1:
+            mode = "training" if self.model.training else "evaluation"
+            last = get_last_checkpoint(self.args.output_dir) if self.args.output_dir else None
+            raise SELMError(
+                f"{mode} stopped: the loss is {loss.detach().float().item()} at step {self.state.global_step + 1} "
+                f"(epoch {self.state.epoch or 0:.2f}); nothing was saved from this step, the last good checkpoint "
+                f"is {last or 'none'}"
+            )
+        return result
+
+    def _compute_loss(self, model, inputs, return_outputs):
+        if "sequence_group" not in inputs:
+            return super()._compute_loss(model, inputs, return_outputs)
+        mode = "train" if self.model.training else "eval"
+        logps, outputs = self._sequence_logps(model, inputs, reference=False)
+        chosen_logps, rejected_logps, reference_logps = logps.chunk(len(GROUPS))
+        if self.precompute_ref_logps:
+            if "ref_reference_logps" not in inputs:
+                raise SELMError("precompute_ref_log_probs: the batch has no 'ref_reference_logps'")
+            ref = tuple(inputs[f"ref_{g}_logps"].to(logps) for g in GROUPS)
+        else:
+            with torch.no_grad():
+                ref_model = self.ref_model if self.ref_model is not None else model
+                ref, _ = self._sequence_logps(ref_model, inputs, reference=True)
+            ref = ref.chunk(len(GROUPS))
+        ref_chosen, ref_rejected, ref_reference = (r.detach() for r in ref)
+
+        chosen_logratios = chosen_logps - ref_chosen
+        rejected_logratios = rejected_logps - ref_rejected
+        reference_logratios = reference_logps - ref_reference
+        dpo_losses = -F.logsigmoid(self.beta * (chosen_logratios - rejected_logratios))
+        optimism = self.alpha * self.beta * reference_logratios
+        loss = (dpo_losses + optimism).mean()
+        if self.aux_loss_enabled:
+            loss = loss + self.router_aux_loss_coef * outputs.aux_loss
+            self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(outputs.aux_loss).mean().item())
+
+        self._log_selm_metrics(mode, inputs, outputs, chosen_logratios, rejected_logratios, reference_logratios,
+                               dpo_losses, optimism, chosen_logps, rejected_logps, reference_logps, ref_reference)
+        if return_outputs:  # trl's deprecated path: compute_metrics wants logits, which the fused head never builds
+            with torch.no_grad():
+                outputs = model(**{k: v for k, v in inputs.items() if k not in NON_MODEL_KEYS})
+            return loss, outputs
+        return loss
+
+    def _log_selm_metrics(self, mode, inputs, outputs, chosen_lr, rejected_lr, reference_lr, dpo_losses, optimism,
+                          chosen_logps, rejected_logps, reference_logps, ref_reference):
+        """trl's DPO metrics (over chosen and rejected rows) plus the SELM terms."""
+        metrics, acc = self._metrics[mode], self.accelerator
+        n = chosen_logps.size(0)
+        mask = inputs["completion_mask"][:, 1:][: 2 * n].bool()
+        chosen_mask, rejected_mask = mask.chunk(2)
+
+        def ratio(values, m):  # token-weighted mean over all processes
+            total, count = acc.gather_for_metrics(values[m].float().sum().reshape(1)).sum(), acc.gather_for_metrics(
+                m.sum().reshape(1)).sum()
+            return (total / count).item() if count > 0 else 0.0
+
+        metrics["entropy"].append(ratio(outputs.entropy[: 2 * n].detach(), mask))
+        if mode == "train":
+            tokens = acc.gather_for_metrics(inputs["attention_mask"].sum().reshape(1)).sum().item()
+            self._total_train_tokens += tokens // self._tp_size
+        metrics["num_tokens"] = [self._total_train_tokens]
+        mean_logits = outputs.mean_logits[: 2 * n].detach()
+        metrics["logits/chosen"].append(ratio(mean_logits[:n], chosen_mask))
+        metrics["logits/rejected"].append(ratio(mean_logits[n:], rejected_mask))
+        metrics["mean_token_accuracy"].append(ratio(outputs.is_top1[:n], chosen_mask))
+
+        chosen_rewards, rejected_rewards = self.beta * chosen_lr.detach(), self.beta * rejected_lr.detach()
+        per_example = {
+            "rewards/chosen": chosen_rewards,
+            "rewards/rejected": rejected_rewards,
+            "rewards/accuracies": (chosen_rewards > rejected_rewards).float(),
+            "rewards/margins": chosen_rewards - rejected_rewards,
+            "rewards/reference": self.beta * reference_lr.detach(),
+            "logps/chosen": chosen_logps.detach(),
+            "logps/rejected": rejected_logps.detach(),
+            "logps/reference": reference_logps.detach(),
+            "ref_logps/reference": ref_reference.detach(),
+            "loss/dpo": dpo_losses.detach(),
+            "loss/optimism": optimism.detach(),
+        }
+        for key, value in per_example.items():
+            metrics[key].append(acc.gather(value.float()).mean().item())
