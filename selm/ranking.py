@@ -298,7 +298,11 @@ class RewardModelScorer:
     def __call__(self, prompts, candidates):
         import torch
 
-        sequences = [self.encode(p, c) for p, cands in zip(prompts, candidates) for c in cands]
+        sequences, self.truncated_per_row = [], []
+        for prompt, cands in zip(prompts, candidates):
+            before = self.truncated
+            sequences += [self.encode(prompt, c) for c in cands]
+            self.truncated_per_row.append(self.truncated - before)
         flat = [0.0] * len(sequences)
         order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))  # similar lengths share a batch
         with torch.inference_mode():
@@ -320,8 +324,49 @@ class RewardModelScorer:
         return scores
 
 
-def build_scorer(ranking, device: str | None = None):
-    """The scorer a recipe's RankingArguments name."""
+def _score_shard(items, ranking: dict):
+    """Worker of ShardedScorer (module level, so a spawned process can import it): score (prompt, candidates) items."""
+    from selm.configs import RankingArguments
+
+    scorer = build_scorer(RankingArguments(**ranking), num_workers=1)
+    scores = scorer([p for p, _ in items], [c for _, c in items])
+    truncated = getattr(scorer, "truncated_per_row", [0] * len(items))
+    return list(zip(scores, truncated))
+
+
+class ShardedScorer:
+    """A model ranker on several GPUs: contiguous shards of the rows, one process per GPU (selm.parallel), merged in
+    order. Each process loads its own copy of the model on the one GPU it sees."""
+
+    def __init__(self, ranking, num_workers: int):
+        import dataclasses
+
+        self.ranking = dataclasses.asdict(ranking)
+        self.num_workers = num_workers
+        self.truncated = 0
+
+    def __call__(self, prompts, candidates):
+        from selm.parallel import run_sharded
+
+        items = list(zip(prompts, candidates))
+        results = run_sharded(_score_shard, items, min(self.num_workers, len(items)), ranking=self.ranking)
+        self.truncated = sum(t for _, t in results)
+        return [s for s, _ in results]
+
+
+def default_num_workers() -> int:
+    """One ranking process per visible GPU; 1 on CPU."""
+    from selm.parallel import visible_devices
+
+    return len(visible_devices() or [None])
+
+
+def build_scorer(ranking, device: str | None = None, num_workers: int | None = None):
+    """The scorer a recipe's RankingArguments name. Model rankers use every visible GPU unless num_workers says."""
+    if ranking.ranker in ("pairrm", "reward_model"):
+        num_workers = default_num_workers() if num_workers is None else num_workers
+        if num_workers > 1:
+            return ShardedScorer(ranking, num_workers)
     if ranking.ranker == "oracle":
         return OracleScorer(ranking.oracle_reward)
     if ranking.ranker == "pairrm":
@@ -347,8 +392,11 @@ def output_schema(with_reason: bool = False):
     return pa.schema(fields + ([("reason", pa.string())] if with_reason else []))
 
 
-def run_ranking_stage(recipe, device: str | None = None) -> dict | None:
-    """Rank iteration K of a run. Returns the report, or None when ranked.parquet already exists."""
+def run_ranking_stage(recipe, device: str | None = None, num_workers: int | None = None) -> dict | None:
+    """Rank iteration K of a run. Returns the report, or None when ranked.parquet already exists.
+
+    A model ranker runs on every visible GPU (one process each over contiguous shards) unless num_workers says.
+    """
     import json
 
     import pyarrow as pa
@@ -372,7 +420,7 @@ def run_ranking_stage(recipe, device: str | None = None) -> dict | None:
     r = recipe.ranking
     print(f"ranking {len(rows)} rows of {source} with {r.ranker} "
           f"({r.oracle_reward if r.ranker == 'oracle' else r.ranker_model_name_or_path}), update rule {r.update_rule}")
-    scorer = build_scorer(r, device)
+    scorer = build_scorer(r, device, num_workers)
     kept, dropped, report = rank_rows(rows, scorer, r.update_rule, r.on_tie, source=str(source))
     report.update(iteration=recipe.iteration, ranker=r.ranker, update_rule=r.update_rule, on_tie=r.on_tie,
                   truncated_sequences=getattr(scorer, "truncated", 0))

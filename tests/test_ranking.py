@@ -203,6 +203,23 @@ def test_reward_model_batched_scores_match_one_by_one(tiny_rm_dir):
     assert short.truncated > 0
 
 
+def test_sharded_scorer_matches_one_process(tiny_rm_dir):
+    """The multi-GPU path (one process per shard, merged in order), run here with 2 CPU processes."""
+    from selm.configs import RankingArguments
+    from selm.ranking import ShardedScorer, build_scorer
+
+    ranking = RankingArguments(ranker="reward_model", ranker_model_name_or_path=str(tiny_rm_dir),
+                               ranker_batch_size=4, ranker_max_length=24)
+    rows = fixture_rows(5)
+    prompts = [r["chosen"][:-1] for r in rows]
+    candidates = [[r["chosen"][-1]["content"], r["rejected"][-1]["content"], str(i)] for i, r in enumerate(rows)]
+    sharded = build_scorer(ranking, num_workers=2)
+    assert isinstance(sharded, ShardedScorer)
+    single = build_scorer(ranking, device="cpu", num_workers=1)
+    np.testing.assert_allclose(sharded(prompts, candidates), single(prompts, candidates), atol=1e-4)
+    assert sharded.truncated == single.truncated > 0
+
+
 def test_reward_model_without_chat_template_is_refused(tiny_rm_dir, tmp_path):
     copy = tmp_path / "rm"
     shutil.copytree(tiny_rm_dir, copy)
