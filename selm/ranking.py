@@ -153,8 +153,8 @@ def build_report(rows, candidates, scores, kept, dropped) -> dict:
                                  for r in kept),
         "empty_generations": sum(sum(e) for e in empty),
         "rows_with_empty_generation": sum(any(e) for e in empty),
-        "empty_generation_chosen": sum(is_generated(r["chosen_index"], r) and not r["candidates"][r["chosen_index"]].strip()
-                                       for r in kept),
+        "empty_generation_chosen": sum(is_generated(r["chosen_index"], r)
+                                       and not r["candidates"][r["chosen_index"]].strip() for r in kept),
         "mean_score": {
             "generated": mean([s for row in scores for s in list(row)[:-2]]),
             "original_chosen": mean([float(row[-2]) for row in scores]),
@@ -251,7 +251,7 @@ class PairRMScorer:
         for size in sorted({len(c) for c in cands}):
             index = [i for i, c in enumerate(cands) if len(c) == size]
             out = self.blender.rank([sources[i] for i in index], [cands[i] for i in index], return_scores=True,
-                                    batch_size=self.batch_size, disable_tqdm=True)
+                                    batch_size=self.batch_size)
             for i, row in zip(index, out):
                 scores[i] = [float(s) for s in row]
         return scores
@@ -405,7 +405,8 @@ def run_ranking_stage(recipe, device: str | None = None, num_workers: int | None
     from selm.io import write_parquet, write_text
 
     if recipe.is_generation_free:
-        raise SELMError(f"iteration {recipe.iteration} trains on the original pairs (dpo_iteration_zero): nothing to rank")
+        raise SELMError(f"iteration {recipe.iteration} trains on the original pairs (dpo_iteration_zero): "
+                        "nothing to rank")
     iter_dir = recipe.iter_dir()
     source, final = iter_dir / "generated.parquet", iter_dir / "ranked.parquet"
     if final.exists():

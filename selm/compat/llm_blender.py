@@ -105,7 +105,7 @@ def load_pairrm(name_or_path: str, device: str | None = None):
         overrides["model_name"] = str(path / backbone)
 
     llm_blender = import_llm_blender()
-    blender = llm_blender.Blender(blender_config=llm_blender.BlenderConfig(use_tqdm=False))
+    blender = llm_blender.Blender(blender_config=llm_blender.BlenderConfig(use_tqdm=True))  # a progress bar on stderr
     blender.loadranker(str(path), device=auto_device(device), **overrides)
     _check_all_weights_loaded(blender.ranker, path)
     return blender
