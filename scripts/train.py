@@ -1,0 +1,128 @@
+"""Training stage of one iteration: SELM (alpha > 0) or DPO (alpha = 0) from the iteration's start model.
+
+    python scripts/train.py RECIPE.yaml --iteration K [--key value ...] [--dry_run]
+    accelerate launch --config_file recipes/accelerate_configs/deepspeed_zero3.yaml --num_processes 8 \
+        scripts/train.py RECIPE.yaml --iteration K
+
+Reads iter-K/ranked.parquet (or, for iteration 0 of a dpo_iteration_zero recipe, the original pairs of the
+first portion). Policy and reference both start from the previous iteration's model (the base model for the
+first iteration). Writes iter-K/model/ (model + tokenizer, renamed into place when complete) and
+iter-K/train_config.yaml. Checkpoints go to iter-K/checkpoints/; a rerun resumes from the last one, and an
+iteration whose model exists is not retrained.
+"""
+
+import sys
+from contextlib import nullcontext
+
+from selm.configs import main_guard, parse_recipe
+from selm.errors import SELMError
+
+REFERENCE = "reference_response"
+
+
+def load_training_data(recipe, alpha: float):
+    """The iteration's pairs in trl's conversational format, validated, with y_ref when alpha > 0."""
+    from selm.data import ensure_portion, read_parquet_dataset, to_trainer_format, validate_preference_data
+
+    path = ensure_portion(recipe) if recipe.is_generation_free else recipe.iter_dir() / "ranked.parquet"
+    dataset = read_parquet_dataset(path)
+    validate_preference_data(dataset, str(path))
+    if alpha > 0:
+        if REFERENCE not in dataset.column_names:
+            raise SELMError(f"{path}: missing column '{REFERENCE}' (alpha={alpha} > 0 needs the generated response; "
+                            "run the generate and rank stages, or set alpha: 0 for DPO)")
+        for row, value in enumerate(dataset[REFERENCE]):
+            if not isinstance(value, str):
+                raise SELMError(f"{path}: row {row}, column '{REFERENCE}': expected a string, got {value!r}")
+    else:
+        # Iterative DPO: y_ref plays no part in the loss, so it is not tokenized or scored (a 1.5x cheaper step).
+        dataset = dataset.remove_columns([c for c in dataset.column_names if c == REFERENCE])
+    return dataset.map(to_trainer_format, remove_columns=dataset.column_names, desc="Trainer format")
+
+
+def load_model(path, model_args, trust_remote_code: bool):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    dtype = model_args.dtype
+    if dtype not in (None, "auto"):
+        dtype = getattr(torch, dtype)
+    return AutoModelForCausalLM.from_pretrained(
+        path, dtype=dtype, attn_implementation=model_args.attn_implementation,
+        trust_remote_code=trust_remote_code,
+        revision=model_args.model_revision if path == model_args.model_name_or_path else None,
+    )
+
+
+def save_final_model(trainer, tokenizer, out_dir) -> None:
+    """Write model + tokenizer to a temporary directory, then rename it onto `out_dir` (main process only).
+
+    Every process takes part in `save_model`: under ZeRO-3 it gathers the sharded weights, a collective.
+    """
+    from accelerate.utils import broadcast_object_list
+
+    from selm.io import atomic_path
+
+    accelerator = trainer.accelerator
+    main = accelerator.is_main_process
+    with atomic_path(out_dir) if main else nullcontext() as tmp:
+        shared = [str(tmp) if main else None]
+        broadcast_object_list(shared, from_process=0)
+        trainer.save_model(shared[0])
+        if main:
+            tokenizer.save_pretrained(shared[0])
+        accelerator.wait_for_everyone()  # all writes are done before the main process renames
+
+
+@main_guard
+def main(argv=None):
+    recipe, dry_run = parse_recipe(argv, stage="train")
+    if recipe.is_generation_free:
+        recipe.training["alpha"] = 0.0  # iteration 0 is plain DPO on the original pairs (the paper's DPO start)
+    if dry_run:
+        print(recipe.to_yaml())
+        return 0
+    out_dir = recipe.iter_dir() / "model"
+    if out_dir.exists():
+        print(f"{out_dir} exists: iteration {recipe.iteration} is already trained; not retraining")
+        return 0
+    if recipe.model.use_peft:
+        raise SELMError(f"{recipe.path}: 'use_peft' is not supported by the train stage: every iteration's model "
+                        "must be a full model, since the next iteration starts from it")
+
+    from transformers import AutoTokenizer
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from selm.io import write_text
+    from selm.trainer import SELMTrainer
+
+    # Built before any model: under ZeRO-3 the config must exist for from_pretrained to shard at load time.
+    args = recipe.training_config()
+    with args.main_process_first(desc="training data"):
+        dataset = load_training_data(recipe, args.alpha)
+    if args.should_save:
+        write_text(recipe.iter_dir() / "train_config.yaml", recipe.to_yaml())
+
+    start = recipe.start_model
+    tokenizer = AutoTokenizer.from_pretrained(start, trust_remote_code=args.trust_remote_code)
+    policy = load_model(start, recipe.model, args.trust_remote_code)
+    # The reference is the iteration's start model. trl would otherwise reload the *base* path. With precomputed
+    # reference log-probs the policy itself, before its first step, is that model: no second copy is loaded.
+    ref_model = None if args.precompute_ref_log_probs else load_model(start, recipe.model, args.trust_remote_code)
+    trainer = SELMTrainer(policy, ref_model=ref_model, args=args, train_dataset=dataset, processing_class=tokenizer)
+
+    checkpoint = None
+    if args.resume_from_checkpoint is None and recipe.iter_dir().joinpath("checkpoints").is_dir():
+        checkpoint = get_last_checkpoint(args.output_dir)
+    checkpoint = args.resume_from_checkpoint or checkpoint
+    if checkpoint and trainer.accelerator.is_main_process:
+        print(f"resuming iteration {recipe.iteration} from {checkpoint}")
+    trainer.train(resume_from_checkpoint=checkpoint)
+    save_final_model(trainer, tokenizer, out_dir)
+    if trainer.accelerator.is_main_process:
+        print(f"iteration {recipe.iteration}: model saved to {out_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
