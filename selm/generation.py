@@ -9,8 +9,9 @@ Both encode prompts the same way (the chat template with the generation prompt o
 tokenized without adding special tokens again: the template already has BOS where the model wants one), stop at
 the tokenizer's EOS and at every EOS id of the model's generation_config (Llama-3's <|eot_id|>), and take the
 sampling settings from the recipe only (a model's generation_config may ship temperature/top_p/top_k defaults;
-they are not used). Seeds: vLLM seeds each prompt (seed + its index), so its output does not depend on batching or
-sharding; hf seeds each batch (seed + batch number), so a given batch size gives identical output on every run.
+they are not used). Seeds: vLLM seeds each prompt from seed and the prompt's index, so its output does not depend on batching or
+sharding; hf seeds each batch (seed + index of the call's first prompt + batch number), so a given batch size
+gives identical output on every run.
 """
 
 import gc
@@ -133,7 +134,7 @@ class Generator:
         if self._backend is None:
             backend = _HFBackend if self.settings.generation_backend == "hf" else _VLLMBackend
             self._backend = backend(self)
-        completions = self._backend.generate(prompt_token_ids, self.settings.generation_seed + seed_offset)
+        completions = self._backend.generate(prompt_token_ids, self.settings.generation_seed, seed_offset)
         return [[self._cut_at_eos(c) for c in per_prompt] for per_prompt in completions]
 
     def generate(self, conversations: list[list[dict]], names: list[str] | None = None,
@@ -201,7 +202,7 @@ class _HFBackend:
             return GenerationConfig(do_sample=True, temperature=s.temperature, top_p=s.top_p, top_k=0, **config)
         return GenerationConfig(do_sample=False, **config)
 
-    def generate(self, prompt_token_ids, seed):
+    def generate(self, prompt_token_ids, seed, first_index):
         import torch
         from tqdm.auto import tqdm
 
@@ -220,7 +221,7 @@ class _HFBackend:
                 ids = prompt_token_ids[i]
                 input_ids[row, width - len(ids):] = torch.tensor(ids)
                 mask[row, width - len(ids):] = 1
-            torch.manual_seed(seed + b)
+            torch.manual_seed(seed + first_index + b)  # batches <= prompts: no two batches share a seed
             with torch.inference_mode():
                 out = self.model.generate(input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device),
                                           generation_config=config)
@@ -254,7 +255,7 @@ class _VLLMBackend:
         kwargs.update(gen.engine_kwargs)
         self.llm = vllm.LLM(**kwargs)
 
-    def generate(self, prompt_token_ids, seed):
+    def generate(self, prompt_token_ids, seed, first_index):
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
@@ -263,7 +264,9 @@ class _VLLMBackend:
         params = [
             SamplingParams(n=s.num_responses, temperature=s.temperature if sample else 0.0,
                            top_p=s.top_p if sample else 1.0, top_k=-1, max_tokens=s.max_new_tokens,
-                           stop_token_ids=self.gen.eos_ids, seed=seed + i, skip_special_tokens=True)
+                           stop_token_ids=self.gen.eos_ids, skip_special_tokens=True,
+                           # vLLM gives the n samples of a request seeds seed, seed+1, ...: keep them all distinct
+                           seed=seed + (first_index + i) * s.num_responses)
             for i in range(len(prompt_token_ids))
         ]
         prompts = [TokensPrompt(prompt_token_ids=ids) for ids in prompt_token_ids]
