@@ -28,6 +28,7 @@ any other (they are counted in the report, not removed).
 import importlib
 import logging
 import math
+from pathlib import Path
 
 from selm.errors import SELMError
 
@@ -269,15 +270,20 @@ class RewardModelScorer:
         import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        from selm.compat.llm_blender import auto_device, resolve_ranker_dir
+        from selm.compat.llm_blender import auto_device, check_hub_id
 
-        path = str(resolve_ranker_dir(name_or_path))
+        if not Path(name_or_path).is_dir():
+            check_hub_id(name_or_path)
         self.device = auto_device(device)
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        dtype = torch.bfloat16 if self.device.startswith("cuda") else torch.float32
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+            model = AutoModelForSequenceClassification.from_pretrained(name_or_path, dtype=dtype)
+        except OSError as e:  # transformers' "not found / cannot connect" for a hub id
+            raise SELMError(f"reward model '{name_or_path}' could not be loaded: {str(e).splitlines()[0]}") from e
         if not self.tokenizer.chat_template:
             raise SELMError(f"reward model {name_or_path}: its tokenizer has no chat template")
-        dtype = torch.bfloat16 if self.device.startswith("cuda") else torch.float32
-        self.model = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype).to(self.device).eval()
+        self.model = model.to(self.device).eval()
         if self.model.config.num_labels != 1:
             raise SELMError(f"reward model {name_or_path}: num_labels is {self.model.config.num_labels}; "
                             f"a reward model has one output")
@@ -341,6 +347,10 @@ class ShardedScorer:
     def __init__(self, ranking, num_workers: int):
         import dataclasses
 
+        from selm.compat.llm_blender import check_hub_id
+
+        if not Path(ranking.ranker_model_name_or_path).is_dir():  # fail before starting any process
+            check_hub_id(ranking.ranker_model_name_or_path)
         self.ranking = dataclasses.asdict(ranking)
         self.num_workers = num_workers
         self.truncated = 0

@@ -230,6 +230,10 @@ def test_reward_model_without_chat_template_is_refused(tiny_rm_dir, tmp_path):
         extra.unlink()
     with pytest.raises(SELMError, match="no chat template"):
         RewardModelScorer(str(copy), device="cpu")
+    with pytest.raises(SELMError, match="directory not found: .*no-rm"):
+        RewardModelScorer(str(tmp_path / "no-rm"), device="cpu")
+    with pytest.raises(SELMError, match="'selm-test/absent-rm' could not be loaded"):
+        RewardModelScorer("selm-test/absent-rm", device="cpu")  # the hub is off in tests
 
 
 def test_oracle_scorer_and_function_spec_errors():

@@ -51,6 +51,12 @@ def import_llm_blender():
             del sys.modules["vllm"]
 
 
+def check_hub_id(name_or_path: str) -> None:
+    """A name that is not an existing directory must look like a hub id ('owner/name'); else it is a missing dir."""
+    if name_or_path.count("/") != 1 or name_or_path.startswith((".", "/", "~")):
+        raise SELMError(f"ranker model directory not found: {name_or_path}")
+
+
 def resolve_ranker_dir(name_or_path: str) -> Path:
     """A local ranker directory as is; a hub id downloaded (or found in the hub cache) with huggingface_hub.
 
@@ -60,9 +66,7 @@ def resolve_ranker_dir(name_or_path: str) -> Path:
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return path
-    looks_like_hub_id = name_or_path.count("/") == 1 and not name_or_path.startswith((".", "/", "~"))
-    if not looks_like_hub_id:
-        raise SELMError(f"ranker model directory not found: {name_or_path}")
+    check_hub_id(name_or_path)
     from huggingface_hub import snapshot_download
 
     try:
