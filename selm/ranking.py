@@ -240,7 +240,7 @@ class PairRMScorer:
 
     def _fit_source(self, text: str) -> str:
         tokenizer = self.blender.ranker_tokenizer
-        limit = self.blender.ranker_config.source_maxlength - 2  # room for [CLS] and [SEP]
+        limit = self.blender.ranker_config.source_maxlength - 4  # room for [CLS], <|source|>, [SEP] and one spare
         ids = tokenizer.encode(text, add_special_tokens=False)
         return text if len(ids) <= limit else tokenizer.decode(ids[-limit:])
 

@@ -19,6 +19,7 @@ from selm.ranking import (
     RewardModelScorer,
     load_function,
     output_schema,
+    pairrm_source,
     preference_order,
     rank_rows,
     select_pair,
@@ -136,6 +137,9 @@ def test_pairrm_scorer_handles_multi_turn_markers_and_mixed_candidate_counts(tin
     scores = scorer(prompts + [long_turns], candidates + [["4", "5"]])
     assert [len(s) for s in scores] == [len(c) for c in candidates] + [2]
     assert all(math.isfinite(v) for row in scores for v in row)
+    # A conversation over the source limit is cut from the left: the question being answered survives.
+    fitted = scorer._fit_source(pairrm_source(long_turns))
+    assert fitted.endswith("What is 2 + 2?") and len(fitted) < len(pairrm_source(long_turns))
 
 
 def test_load_pairrm_from_a_hub_id_in_the_hub_cache(tiny_pairrm_dir, tmp_path, monkeypatch):
