@@ -49,6 +49,17 @@ def _column_names(dataset) -> list[str]:
     return list(names)
 
 
+def _row_lengths(dataset) -> np.ndarray:
+    """Longest of the three sequences per row, read as Arrow list lengths (no token lists in Python)."""
+    import pyarrow.compute as pc
+
+    parts = []
+    for batch in dataset.with_format("arrow").iter(batch_size=8192):
+        completions = [pc.list_value_length(batch[f"{g}_ids"]).to_numpy() for g in GROUPS]
+        parts.append(pc.list_value_length(batch["prompt_ids"]).to_numpy() + np.max(completions, axis=0))
+    return np.concatenate(parts)
+
+
 def require_reference(dataset, name: str, alpha: float) -> None:
     """α > 0 is meaningless without y_ref: fail before any tokenization, naming the column."""
     if alpha > 0 and REFERENCE not in _column_names(dataset):
@@ -261,9 +272,7 @@ class SELMTrainer(DPOTrainer):
             raise SELMError("precompute_ref_log_probs: true needs a map-style dataset, not a streaming one")
         # Scored in order of length, so a batch holds rows of similar length and little padding: this is what makes
         # the precompute pass cheaper than the reference forwards it replaces. Scattered back to row order below.
-        lengths = np.array([len(p) + max(len(c), len(r), len(f)) for p, c, r, f in zip(
-            dataset["prompt_ids"], dataset["chosen_ids"], dataset["rejected_ids"], dataset["reference_ids"])])
-        order = np.argsort(-lengths, kind="stable")
+        order = np.argsort(-_row_lengths(dataset), kind="stable")
         token_columns = ["prompt_ids", "chosen_ids", "rejected_ids", "reference_ids"]
         loader = DataLoader(dataset.select_columns(token_columns).select(order), batch_size=batch_size,
                             collate_fn=self.data_collator, shuffle=False,
