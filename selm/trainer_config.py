@@ -4,6 +4,8 @@ from dataclasses import dataclass, field
 
 from trl import DPOConfig
 
+from selm.errors import SELMError
+
 
 @dataclass
 class SELMConfig(DPOConfig):
@@ -25,3 +27,11 @@ class SELMConfig(DPOConfig):
             "help": "Keep only the last N prompt tokens (the paper: 512). None: the prompt is only cut by max_length."
         },
     )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.alpha < 0:
+            raise SELMError(f"training config: 'alpha' is {self.alpha}; it must be >= 0 (0 is plain DPO)")
+        if self.max_prompt_length is not None and self.max_prompt_length < 1:
+            raise SELMError(f"training config: 'max_prompt_length' is {self.max_prompt_length}; it must be >= 1 "
+                            "(or null for no prompt cut)")

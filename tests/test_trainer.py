@@ -227,3 +227,10 @@ def test_non_finite_loss_stops_naming_the_step(tmp_path, models, tokenizer, rows
     assert "checkpoint-2" in str(err.value)
     out = tmp_path / "out"
     assert (out / "checkpoint-2").is_dir() and not (out / "checkpoint-3").exists()
+
+
+def test_config_rejects_negative_alpha_and_empty_prompt(tmp_path):
+    with pytest.raises(SELMError, match="'alpha'"):
+        config(tmp_path, alpha=-0.001)
+    with pytest.raises(SELMError, match="'max_prompt_length'"):
+        config(tmp_path, max_prompt_length=0)
