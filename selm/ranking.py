@@ -18,7 +18,8 @@ Update rules (recipe `update_rule`):
 
 A row whose new chosen and rejected have equal scores carries no preference. `on_tie: drop` moves it to
 `ranking_dropped.parquet` with reason "tie"; `on_tie: keep` keeps it with the pair the rule picked. `original` never
-drops a row: it trains on the dataset's pairs by definition.
+drops a row: it trains on the dataset's pairs by definition. If every row is dropped the stage fails (after writing
+the drops and the report) instead of leaving an empty ranked.parquet for training.
 
 Scorers are callables `(prompts, candidates) -> scores`, with prompts as message lists (system message and earlier
 turns included) and one list of candidate strings per prompt. Empty or whitespace-only candidates are scored like
@@ -410,6 +411,7 @@ def run_ranking_stage(recipe, device: str | None = None, num_workers: int | None
     import json
 
     import pyarrow as pa
+    import pyarrow.parquet as pq
 
     from selm.data import read_parquet_dataset, validate_preference_data
     from selm.io import write_parquet, write_text
@@ -422,6 +424,8 @@ def run_ranking_stage(recipe, device: str | None = None, num_workers: int | None
     if final.exists():
         print(f"{final} exists: ranking of iteration {recipe.iteration} is done, nothing to do")
         return None
+    if source.is_file() and pq.ParquetFile(source).metadata.num_rows == 0:  # datasets cannot read a 0-row file
+        raise SELMError(f"{source}: no rows")
     dataset = read_parquet_dataset(source)
     validate_preference_data(dataset, str(source))
     if "reference_response" not in dataset.column_names:
@@ -443,7 +447,10 @@ def run_ranking_stage(recipe, device: str | None = None, num_workers: int | None
     write_parquet(pa.Table.from_pylist(dropped, schema=output_schema(with_reason=True)),
                   iter_dir / "ranking_dropped.parquet", metadata=metadata)
     write_text(iter_dir / "rank_report.json", json.dumps(report, indent=2) + "\n")
-    write_parquet(pa.Table.from_pylist(kept, schema=output_schema()), final, metadata=metadata)
     print(json.dumps(report, indent=2))
+    if not kept:  # nothing to train on: say so now rather than leave an empty ranked.parquet for training to trip on
+        raise SELMError(f"all {len(rows)} rows of {source} were dropped {report['dropped_by_reason']}; "
+                        f"see {iter_dir / 'ranking_dropped.parquet'} (on_tie: keep keeps tied rows)")
+    write_parquet(pa.Table.from_pylist(kept, schema=output_schema()), final, metadata=metadata)
     print(f"wrote {final} ({len(kept)} rows) and {iter_dir / 'ranking_dropped.parquet'} ({len(dropped)} rows)")
     return report

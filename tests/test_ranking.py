@@ -424,16 +424,36 @@ def test_rank_script_errors_leave_nothing_behind(smoke_recipe, tmp_path, monkeyp
     assert exit_info.value.code == 2
     assert "iter-1/generated.parquet" in capsys.readouterr().err
 
+    import datasets
+
+    from selm.io import write_parquet
+
+    empty = datasets.Dataset.from_list(generated_rows(2)).select([])
+    write_parquet(empty, tmp_path / "run" / "iter-1" / "generated.parquet")
+    with pytest.raises(SystemExit):
+        run_rank(recipe)
+    assert "generated.parquet: no rows" in capsys.readouterr().err
+
     generated, _ = write_generated(recipe, num_rows=6)
     with pytest.raises(SystemExit):
         run_rank(recipe, "--ranker", "pairrm", "--ranker_model_name_or_path", str(tmp_path / "missing-pairrm"))
     assert "missing-pairrm" in capsys.readouterr().err
 
+    # Every row tied (a constant reward) and on_tie drop: an error, the drops and report written, no ranked.parquet.
+    (tmp_path / "constant_oracle.py").write_text("def reward(prompt, response):\n    return 0.5\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(SystemExit):
+        run_rank(recipe, "--oracle_reward", "constant_oracle:reward", "--on_tie", "drop")
+    assert "all 6 rows" in capsys.readouterr().err
+    assert pq.read_table(generated.parent / "ranking_dropped.parquet").num_rows == 6
+    assert not (generated.parent / "ranked.parquet").exists()
+    for name in ("ranking_dropped.parquet", "rank_report.json"):
+        (generated.parent / name).unlink()
+
     # A reward function that fails half way: the error shows, and no output exists under a final name.
     (tmp_path / "flaky_oracle.py").write_text(
         "def reward(prompt, response):\n    if 'appears' in response:\n        raise RuntimeError('oracle broke')\n"
         "    return 1.0\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
     with pytest.raises(RuntimeError, match="oracle broke"):
         run_rank(recipe, "--oracle_reward", "flaky_oracle:reward")
     assert sorted(p.name for p in generated.parent.iterdir()) == ["generated.parquet"]
