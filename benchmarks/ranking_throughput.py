@@ -1,6 +1,7 @@
 """Ranking throughput: candidates scored per second by the PairRM and reward-model rankers on the tiny checkpoints.
 
-    python benchmarks/ranking_throughput.py [--rows 64] [--responses 1] [--repeats 5] [--batch_size 16] [--device cpu]
+    python benchmarks/ranking_throughput.py [--rows 64] [--responses 1] [--repeats 5] [--batch_size 16]
+                                            [--device cpu] [--threads N]
 
 Builds both tiny rankers (no download) in a temporary directory, then times each scorer on the same fixture prompts
 with n generated responses + the original chosen and rejected answers per row (n + 2 candidates). The model load is
@@ -48,9 +49,13 @@ def main():
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--device", default=None, help="cpu, cuda; default: cuda when available")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args()
 
     import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     from selm.ranking import PairRMScorer, RewardModelScorer
     from selm.tiny_ranker import save_tiny_pairrm, save_tiny_reward_model
