@@ -9,7 +9,9 @@ Both encode prompts the same way (the chat template with the generation prompt o
 tokenized without adding special tokens again: the template already has BOS where the model wants one), stop at
 the tokenizer's EOS and at every EOS id of the model's generation_config (Llama-3's <|eot_id|>), and take the
 sampling settings from the recipe only (a model's generation_config may ship temperature/top_p/top_k defaults;
-they are not used). Seeds: vLLM seeds each prompt from seed and the prompt's index, so its output does not depend on batching or
+they are not used).
+
+Seeds: vLLM seeds each prompt from the seed and the prompt's index, so its output does not depend on batching or
 sharding; hf seeds each batch (seed + index of the call's first prompt + batch number), so a given batch size
 gives identical output on every run.
 """
@@ -53,7 +55,8 @@ def _eos_ids(tokenizer, model_path: str, trust_remote_code: bool) -> list[int]:
     except OSError:  # no generation_config.json: the model config's eos is the only other source
         from transformers import AutoConfig
 
-        extra = getattr(AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code), "eos_token_id", None)
+        config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+        extra = getattr(config, "eos_token_id", None)
     extra = [] if extra is None else [extra] if isinstance(extra, int) else list(extra)
     ids = list(dict.fromkeys(ids + extra))
     if not ids:
@@ -183,7 +186,7 @@ class _HFBackend:
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         kwargs = {"trust_remote_code": gen.trust_remote_code}
         if gen.dtype:
-            kwargs["dtype"] = getattr(torch, gen.dtype) if gen.dtype != "auto" else "auto"
+            kwargs["dtype"] = getattr(torch, gen.dtype)
         if gen.attn_implementation:
             kwargs["attn_implementation"] = gen.attn_implementation
         self.model = AutoModelForCausalLM.from_pretrained(gen.model_path, **kwargs).to(self.device).eval()
@@ -373,6 +376,9 @@ def generate_stage(recipe, engine_kwargs: dict | None = None, progress: bool = T
     if out.exists():  # complete by construction (atomic write)
         return out
     settings, model_path = recipe.generation, recipe.start_model
+    if recipe.iteration > recipe.pipeline.first_iteration and not Path(model_path).is_dir():
+        raise SELMError(f"model directory not found: {model_path} (iteration {recipe.iteration} starts from the "
+                        f"model trained in iteration {recipe.iteration - 1}: run its train stage first)")
     check_model_path(model_path)  # before writing anything
     portion_path = ensure_portion(recipe)
     table = pq.read_table(portion_path)

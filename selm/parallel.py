@@ -70,8 +70,9 @@ def run_sharded(worker_fn, items: list, num_workers: int, devices_per_worker: in
                         "must be at least 1")
     devices = visible_devices()
     if devices is not None and len(devices) < num_workers * devices_per_worker:
-        raise SELMError(f"{num_workers} workers x {devices_per_worker} GPUs each need {num_workers * devices_per_worker}"
-                        f" GPUs; {len(devices)} are visible ({','.join(devices)})")
+        needed = num_workers * devices_per_worker
+        raise SELMError(f"{num_workers} workers x {devices_per_worker} GPUs each need {needed} GPUs; "
+                        f"{len(devices)} are visible ({','.join(devices)})")
     bounds = [b for b in shard_bounds(len(items), num_workers) if b[1] > b[0]]
     ctx = mp.get_context("spawn")
     with tempfile.TemporaryDirectory(prefix="selm-shards-") as tmp:

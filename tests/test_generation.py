@@ -220,7 +220,8 @@ def test_template_bos_is_not_doubled(varied_model_dir, tmp_path):
     tok = AutoTokenizer.from_pretrained(model)
     tok.bos_token = "<|system|>"  # an existing special token stands in for <s>
     bos = tok.bos_token_id
-    tok.backend_tokenizer.post_processor = TemplateProcessing(single="<|system|> $A", special_tokens=[("<|system|>", bos)])
+    tok.backend_tokenizer.post_processor = TemplateProcessing(single="<|system|> $A",
+                                                              special_tokens=[("<|system|>", bos)])
     tok.chat_template = "{{ bos_token }}" + CHAT_TEMPLATE
     tok.save_pretrained(model)
     assert AutoTokenizer.from_pretrained(model)("hi")["input_ids"][0] == bos  # it does add BOS by default
@@ -304,14 +305,14 @@ def test_prompt_longer_than_context(smoke_recipe, tmp_path, capsys):
 
 
 def test_zero_row_portion(smoke_recipe, tmp_path, capsys):
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    recipe = smoke_recipe()
-    portion = tmp_path / "run/iter-1/portion.parquet"
-    portion.parent.mkdir(parents=True)
     from selm.tiny import fixture_rows
-    import pyarrow as pa
 
+    recipe = smoke_recipe()
+    portion = tmp_path / "run/iter-1/portion.parquet"  # as if the data layer had written an empty portion
+    portion.parent.mkdir(parents=True)
     pq.write_table(pa.Table.from_pylist(fixture_rows(2)).slice(0, 0), portion)
     assert run_script(recipe, "--iteration", 1) == 2
     err = capsys.readouterr().err
