@@ -273,6 +273,10 @@ class SELMTrainer(DPOTrainer):
         # Scored in order of length, so a batch holds rows of similar length and little padding: this is what makes
         # the precompute pass cheaper than the reference forwards it replaces. Scattered back to row order below.
         order = np.argsort(-_row_lengths(dataset), kind="stable")
+        if self.args.precompute_ref_batch_size is None:
+            # No gradients and no stored activations: a forward-only batch of 4x the training rows is still far
+            # smaller in memory than a training step, and fewer, fuller batches finish the pass sooner.
+            batch_size *= 4
         token_columns = ["prompt_ids", "chosen_ids", "rejected_ids", "reference_ids"]
         loader = DataLoader(dataset.select_columns(token_columns).select(order), batch_size=batch_size,
                             collate_fn=self.data_collator, shuffle=False,
@@ -292,6 +296,11 @@ class SELMTrainer(DPOTrainer):
             for i, logps in enumerate(self.accelerator.gather_for_metrics(self.compute_ref_log_probs(model, batch))):
                 scores[i].append(logps.float().cpu())
         model.train(was_training)
+        if model is self._precompute_engine:
+            # Its ZeRO-3 hooks sit on the policy's modules beside the training engine's, and after a single forward
+            # their trace state breaks the training engine's first step (seen: "pop from an empty deque").
+            model.destroy()
+            self._precompute_engine = None
         inverse = np.argsort(order)
         # Every process holds the gathered scores, so each adds the columns itself: no shared cache file needed.
         for group, group_scores in zip(GROUPS, scores):

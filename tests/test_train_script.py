@@ -155,3 +155,18 @@ def test_two_process_zero3_cpu_run_saves_a_loadable_model(smoke_recipe, tiny_mod
     # 2 processes x 8 per device x 1 accumulation step: the recipe's global batch of 16, unchanged.
     assert frozen["num_processes"] == 2 and frozen["training"]["gradient_accumulation_steps"] == 1
     assert frozen["effective_global_batch"] == 16
+
+    # Same recipe, one plain process (2 accumulation steps): the same optimizer steps, so the same weights.
+    (run / "iter-1" / "model").rename(run / "model-zero3")
+    assert train_main()([str(recipe), "--iteration", "1"]) == 0
+    zero3, single, start = (flat_weights(p) for p in (run / "model-zero3", run / "iter-1" / "model", tiny_model_dir))
+    update = (single - start).norm()
+    assert update > 0.01 and (zero3 - single).norm() < 1e-3 * update
+
+
+def flat_weights(model_dir):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
