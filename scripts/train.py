@@ -11,6 +11,7 @@ iter-K/train_config.yaml. Checkpoints go to iter-K/checkpoints/; a rerun resumes
 iteration whose model exists is not retrained.
 """
 
+import json
 import sys
 from contextlib import nullcontext
 
@@ -54,6 +55,27 @@ def load_model(path, model_args, trust_remote_code: bool):
     )
 
 
+def last_complete_checkpoint(checkpoints_dir) -> str | None:
+    """The newest checkpoint that was completely written, or None.
+
+    A crash while a checkpoint is being saved leaves a `checkpoint-N` directory without its trainer_state.json,
+    which transformers writes last; resuming from it would fail, so it is skipped (and said so).
+    """
+    import re
+    from pathlib import Path
+
+    found = [(int(m[1]), p) for p in Path(checkpoints_dir).glob("checkpoint-*")
+             if (m := re.fullmatch(r"checkpoint-(\d+)", p.name)) and p.is_dir()]
+    for _, path in sorted(found, reverse=True):
+        try:
+            json.loads((path / "trainer_state.json").read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            print(f"skipping {path}: incompletely written (no readable trainer_state.json)")
+            continue
+        return str(path)
+    return None
+
+
 def save_final_model(trainer, tokenizer, out_dir) -> None:
     """Write model + tokenizer to a temporary directory, then rename it onto `out_dir` (main process only).
 
@@ -91,8 +113,6 @@ def main(argv=None):
                         "must be a full model, since the next iteration starts from it")
 
     from transformers import AutoTokenizer
-    from transformers.trainer_utils import get_last_checkpoint
-
     from selm.io import write_text
     from selm.trainer import SELMTrainer
 
@@ -111,13 +131,12 @@ def main(argv=None):
     ref_model = None if args.precompute_ref_log_probs else load_model(start, recipe.model, args.trust_remote_code)
     trainer = SELMTrainer(policy, ref_model=ref_model, args=args, train_dataset=dataset, processing_class=tokenizer)
 
-    checkpoint = None
-    if args.resume_from_checkpoint is None and recipe.iter_dir().joinpath("checkpoints").is_dir():
-        checkpoint = get_last_checkpoint(args.output_dir)
-    checkpoint = args.resume_from_checkpoint or checkpoint
+    checkpoint = args.resume_from_checkpoint or last_complete_checkpoint(args.output_dir)
     if checkpoint and trainer.accelerator.is_main_process:
         print(f"resuming iteration {recipe.iteration} from {checkpoint}")
     trainer.train(resume_from_checkpoint=checkpoint)
+    if trainer.accelerator.is_main_process:  # before the model: iter-K/model is what marks the iteration done
+        write_text(recipe.iter_dir() / "train_log.json", json.dumps(trainer.state.log_history, indent=1))
     save_final_model(trainer, tokenizer, out_dir)
     if trainer.accelerator.is_main_process:
         print(f"iteration {recipe.iteration}: model saved to {out_dir}")

@@ -30,28 +30,13 @@ def _rows(path: Path) -> int | None:
     return pq.ParquetFile(path).metadata.num_rows
 
 
-def _mean(values):
-    return sum(values) / len(values) if values else None
-
-
 def iteration_summary(k: int, d: Path) -> dict:
     out = {"iteration": k, "dir": str(d), "portion_rows": _rows(d / "portion.parquet"), "generated_rows": _rows(d / "generated.parquet"),
            "ranked_rows": _rows(d / "ranked.parquet"), "model": str(d / "model") if (d / "model").is_dir() else None}
     report = d / "rank_report.json"
     if report.exists():
         out["rank_report"] = json.loads(report.read_text())
-    if (d / "ranked.parquet").exists():
-        import pyarrow.parquet as pq
-
-        table = pq.read_table(d / "ranked.parquet", columns=["scores", "chosen_index", "rejected_index"]).to_pylist()
-        # candidates are [generated..., original chosen, original rejected]: the first is the reference response
-        out["mean_score"] = {
-            "generated": _mean([r["scores"][0] for r in table]),
-            "original_chosen": _mean([r["scores"][-2] for r in table]),
-            "original_rejected": _mean([r["scores"][-1] for r in table]),
-            "new_chosen": _mean([r["scores"][r["chosen_index"]] for r in table]),
-            "new_rejected": _mean([r["scores"][r["rejected_index"]] for r in table]),
-        }
+        out["mean_score"] = out["rank_report"].get("mean_score")
     log = d / "train_log.json"
     if log.exists():
         history = json.loads(log.read_text())

@@ -35,21 +35,23 @@ def tiny_model_dir(tmp_path_factory):
     return path
 
 
-@pytest.fixture
-def smoke_recipe(tmp_path, fixture_file, tiny_model_dir):
-    """Write a copy of recipes/smoke/selm.yaml pointing at the session's model, data and a fresh run dir.
-
-    Returns a function taking extra {key: value} overrides and returning the recipe path.
-    """
+def write_smoke_recipe(directory: Path, model_dir, data_file, **overrides) -> Path:
+    """A copy of recipes/smoke/selm.yaml using the given model and data, with its run dir under `directory`."""
     import yaml
 
+    recipe = yaml.safe_load((REPO / "recipes/smoke/selm.yaml").read_text())
+    recipe.update(model_name_or_path=str(model_dir), dataset_name=str(data_file), output_dir=str(directory / "run"))
+    recipe.update(overrides)
+    path = directory / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+@pytest.fixture
+def smoke_recipe(tmp_path, fixture_file, tiny_model_dir):
+    """Returns a function taking {key: value} overrides and returning the path of a smoke recipe in tmp_path."""
+
     def make(**overrides):
-        recipe = yaml.safe_load((REPO / "recipes/smoke/selm.yaml").read_text())
-        recipe.update(model_name_or_path=str(tiny_model_dir), dataset_name=str(fixture_file),
-                      output_dir=str(tmp_path / "run"))
-        recipe.update(overrides)
-        path = tmp_path / "recipe.yaml"
-        path.write_text(yaml.safe_dump(recipe))
-        return path
+        return write_smoke_recipe(tmp_path, tiny_model_dir, fixture_file, **overrides)
 
     return make

@@ -1,0 +1,163 @@
+"""The pipeline through make: the smoke run, interruption and resume, and a sweep (CPU, tiny model, no hub)."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from conftest import REPO, write_smoke_recipe
+
+VENV = Path(sys.executable).parent.parent
+
+
+def make_command(*args):
+    return ["make", "--no-print-directory", "-C", str(REPO), f"VENV={VENV}", f"LAUNCH={sys.executable}", *args]
+
+
+def make(*args):
+    proc = subprocess.run(make_command(*args), capture_output=True, text=True)
+    if proc.returncode:
+        raise AssertionError(f"make {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc.stdout
+
+
+def artifacts(run: Path, prefix: str = "") -> dict:
+    """Files of a run (under `prefix`) with their mtimes."""
+    return {str(p.relative_to(run)): p.stat().st_mtime_ns for p in sorted(run.rglob("*"))
+            if p.is_file() and str(p.relative_to(run)).startswith(prefix)}
+
+
+def rows(path: Path) -> int:
+    return pq.ParquetFile(path).metadata.num_rows
+
+
+def check_finished_run(run: Path) -> dict:
+    """Every stage's artifacts of both smoke iterations; returns the row counts."""
+    from selm.io import read_parquet_metadata
+
+    counts = {}
+    for k in (1, 2):
+        d = run / f"iter-{k}"
+        report = json.loads((d / "rank_report.json").read_text())
+        dropped = rows(d / "ranking_dropped.parquet") if (d / "ranking_dropped.parquet").exists() else 0
+        counts[k] = (rows(d / "portion.parquet"), rows(d / "generated.parquet"), rows(d / "ranked.parquet"), dropped)
+        assert counts[k][:2] == (50, 50) and counts[k][2] + dropped == 50
+        assert report["rows_in"] == 50 and report["rows_out"] == counts[k][2]
+        ranked = pq.read_table(d / "ranked.parquet").to_pylist()
+        assert all(len(r["scores"]) == len(r["candidates"]) == 3 for r in ranked)
+        assert (d / "model" / "config.json").exists() and (d / "model" / "tokenizer.json").exists()
+        config = yaml.safe_load((d / "train_config.yaml").read_text())
+        assert config["iteration"] == k and config["training"]["learning_rate"] == pytest.approx([5e-4, 2e-4][k - 1])
+        assert not [p for p in d.rglob("*") if ".tmp-" in p.name], "a temporary artifact was left behind"
+    # iteration 2 generated with, and trained from, iteration 1's model
+    assert read_parquet_metadata(run / "iter-2" / "generated.parquet")["model"] == str(run / "iter-1" / "model")
+    assert yaml.safe_load((run / "iter-2" / "train_config.yaml").read_text())["start_model"] == str(run / "iter-1" / "model")
+    return counts
+
+
+@pytest.fixture(scope="module")
+def finished_smoke(tmp_path_factory, fixture_file, tiny_model_dir):
+    """One uninterrupted smoke run (2 iterations) through `make run`, shared by the tests below."""
+    d = tmp_path_factory.mktemp("smoke")
+    # checkpoints every step, shards of 8 prompts: an interrupted stage has something to resume from
+    recipe = write_smoke_recipe(d, tiny_model_dir, fixture_file, save_strategy="steps", save_steps=1,
+                                generation_shard_size=8)
+    out = make("run", f"RECIPE={recipe}", f"RUN_DIR={d / 'run'}")
+    return recipe, d / "run", out
+
+
+def test_smoke_pipeline_runs_every_stage_and_a_rerun_does_nothing(finished_smoke):
+    recipe, run, out = finished_smoke
+    assert "run finished" in out
+    check_finished_run(run)
+    from transformers import AutoModelForCausalLM
+    AutoModelForCausalLM.from_pretrained(run / "iter-2" / "model")
+    before = artifacts(run)
+    again = make("run", f"RECIPE={recipe}", f"RUN_DIR={run}")
+    assert "scripts/generate.py" not in again and "scripts/train.py" not in again
+    assert artifacts(run) == before
+    summary = subprocess.run([sys.executable, str(REPO / "scripts/summarize.py"), str(run)],
+                             capture_output=True, text=True, check=True).stdout
+    assert "| 1 | 50 | 50 |" in summary and "| 2 | 50 | 50 |" in summary and (run / "summary.png").exists()
+
+
+def run_until(args, marker, timeout=600) -> bool:
+    """Start `make ...`, kill its whole process group once `marker()` holds; return whether it was killed."""
+    proc = subprocess.Popen(make_command(*args), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if marker():
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            return True
+        time.sleep(0.02)
+    proc.wait()
+    return False
+
+
+@pytest.mark.parametrize("stage", ["generation", "training"])
+def test_interrupted_run_resumes_without_redoing_finished_stages(finished_smoke, tmp_path, stage):
+    recipe, done, _ = finished_smoke
+    # Iteration 1 as the uninterrupted run left it (mtimes kept), run dir paths rewritten to this copy.
+    run = tmp_path / "run"
+    shutil.copytree(done / "iter-1", run / "iter-1", copy_function=shutil.copy2)
+    frozen = yaml.safe_load((done / "recipe.yaml").read_text()) | {"output_dir": str(run)}
+    (run / "recipe.yaml").write_text(yaml.safe_dump(frozen))
+    new_recipe = tmp_path / "recipe.yaml"
+    new_recipe.write_text(yaml.safe_dump(yaml.safe_load(recipe.read_text()) | {"output_dir": str(run)}))
+    iteration1 = artifacts(run, "iter-1/")
+
+    args = ["run", f"RECIPE={new_recipe}", f"RUN_DIR={run}"]
+    it2 = run / "iter-2"
+    if stage == "generation":
+        def marker():  # a shard of iteration 2 is saved, the merged file is not
+            return any((it2 / "generated.shards").glob("shard-*.parquet"))
+        final = it2 / "generated.parquet"
+    else:
+        def marker():  # iteration 2 has completely saved a checkpoint (trainer_state.json is written last)
+            return any((it2 / "checkpoints").glob("checkpoint-*/trainer_state.json"))
+        final = it2 / "model"
+    assert run_until(args, marker), f"the run finished before its {stage} in iteration 2 could be interrupted"
+    assert not final.exists()
+    out = make(*args)
+    assert "scripts/train.py" in out and "--iteration 1" not in out
+    if stage == "training":
+        assert "scripts/generate.py" not in out and "resuming iteration 2 from" in out
+    assert check_finished_run(run) == check_finished_run(done)
+    assert artifacts(run, "iter-1/") == iteration1
+
+
+def test_sweep_makes_one_run_per_combination_and_a_table(smoke_recipe, tmp_path):
+    recipe = smoke_recipe(num_iterations=1, learning_rate=5e-4, max_samples=24, generation_shard_size=24)
+    sweep = tmp_path / "sweep.yaml"
+    root = tmp_path / "sweep"
+    sweep.write_text(yaml.safe_dump({"recipe": str(recipe), "output_root": str(root), "grid": {"alpha": [0.0, 0.05]}}))
+    out = make("sweep", f"SWEEP={sweep}")
+    for name, alpha in (("alpha-0.0", 0.0), ("alpha-0.05", 0.05)):
+        assert (root / name / "iter-1" / "model" / "config.json").exists()
+        assert yaml.safe_load((root / name / "recipe.yaml").read_text())["alpha"] == alpha
+        assert yaml.safe_load((root / name / "iter-1" / "train_config.yaml").read_text())["training"]["alpha"] == alpha
+    table = (root / "sweep_table.md").read_text()
+    assert table in out and table.count(str(root)) == 2 and "| 0.05 |" in table
+
+
+def test_resume_skips_a_checkpoint_whose_writing_was_interrupted(tmp_path):
+    sys.path.insert(0, str(REPO / "scripts"))
+    from train import last_complete_checkpoint
+
+    assert last_complete_checkpoint(tmp_path) is None
+    for step, state in ((2, "{}"), (3, None), (10, '{"half')):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        (tmp_path / f"checkpoint-{step}" / "model.safetensors").write_text("x")
+        if state is not None:
+            (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text(state)
+    assert last_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-2")
