@@ -8,8 +8,9 @@ Three stages, run interleaved (a, b, c, a, b, c, ...) so drift in the machine hi
   (c) SELMTrainer with precompute_ref_log_probs (one length-sorted reference pass, then no reference forward).
 "Steady state" is the median optimizer-step time after the first step; "stage" is trainer construction
 (tokenization, precompute) + training, model loading excluded. Peak memory: ru_maxrss of a fresh process per stage
-(one per configuration, after the timing), minus its resident size just before the trainer is built: torch's CPU
-allocations are invisible to tracemalloc, so resident memory is what is measured. On CUDA: max_memory_allocated.
+(one per configuration, after the timing): VmHWM over a second run of the stage, reset after a warm-up run, and its
+growth over the resident size before that run. torch's CPU allocations are invisible to tracemalloc, so resident
+memory is what is measured. On CUDA: max_memory_allocated.
 Targets (issue 3): (c) steady time/sample <= 1.2x (a); (c) stage < (b) stage; (c) peak memory < (b).
 """
 
@@ -17,7 +18,6 @@ import argparse
 import copy
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -111,26 +111,31 @@ def run_stage(stage, opts, inputs, output_dir):
     return {"stage_s": stage_s, "step_s": steady, "samples_per_step": opts.batch_size}
 
 
-def rss_mb():
+def rss_mb(field="VmRSS:"):
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field):
                 return int(line.split()[1]) / 1024
     return float("nan")
 
 
 def memory_child(stage, opts, output_dir):
+    """Peak of one stage: after a warm-up run of the same stage (imports and lazy set-up are not the stage's),
+    the kernel's high-water mark is reset (Linux: /proc/self/clear_refs) and the stage is run again."""
     inputs = build_inputs(opts)
+    run_stage(stage, opts, inputs, output_dir)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated() / 2**20
     else:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset VmHWM, the peak resident set size
         before = rss_mb()
     run_stage(stage, opts, inputs, output_dir)
     if torch.cuda.is_available():
         peak = torch.cuda.max_memory_allocated() / 2**20
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+        peak = rss_mb("VmHWM:")
     print(json.dumps({"peak_mb": peak, "before_mb": before}))
 
 
@@ -141,9 +146,14 @@ def main():
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--hidden_size", type=int, default=256)
     parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads. 1 (default) keeps the ratios stable on a shared machine: with 2+ "
+                             "threads, OpenMP's spin-waiting turns any other load into 10x slower, erratic steps")
     parser.add_argument("--output_dir", default="/tmp/selm-train-throughput")
     parser.add_argument("--memory_child", choices=STAGES, help=argparse.SUPPRESS)
     opts = parser.parse_args()
+    if not torch.cuda.is_available():
+        torch.set_num_threads(opts.threads)
     if opts.memory_child:
         return memory_child(opts.memory_child, opts, opts.output_dir)
     if opts.repeats < 5:
@@ -167,11 +177,14 @@ def main():
     memory = {}
     for stage in STAGES:
         cmd = [sys.executable, __file__, "--memory_child", stage] + [
-            f"--{k}={getattr(opts, k)}" for k in ("rows", "batch_size", "hidden_size", "layers", "output_dir")]
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+            f"--{k}={getattr(opts, k)}" for k in ("rows", "batch_size", "hidden_size", "layers", "threads", "output_dir")]
+        # A fixed mmap threshold makes glibc hand every large freed block back at once, so resident size follows
+        # the live tensors instead of the allocator's high-water mark from earlier stages.
+        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout.strip().splitlines()[-1]
         memory[stage] = json.loads(out)
 
-    kind = "CUDA max_memory_allocated" if torch.cuda.is_available() else "peak RSS (ru_maxrss) of a fresh process"
+    kind = "CUDA max_memory_allocated" if torch.cuda.is_available() else "peak RSS (VmHWM) of a fresh process"
     print(f"\n{'stage':<32}{'samples/s (steady)':>20}{'s/sample':>10}{'stage s':>10}{'peak MB':>10}{'+MB':>8}")
     for s in STAGES:
         per_sample = med[s]["step_s"] / opts.batch_size

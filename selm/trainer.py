@@ -273,10 +273,6 @@ class SELMTrainer(DPOTrainer):
         # Scored in order of length, so a batch holds rows of similar length and little padding: this is what makes
         # the precompute pass cheaper than the reference forwards it replaces. Scattered back to row order below.
         order = np.argsort(-_row_lengths(dataset), kind="stable")
-        if self.args.precompute_ref_batch_size is None:
-            # No gradients and no stored activations: a forward-only batch of 4x the training rows is still far
-            # smaller in memory than a training step, and fewer, fuller batches finish the pass sooner.
-            batch_size *= 4
         token_columns = ["prompt_ids", "chosen_ids", "rejected_ids", "reference_ids"]
         loader = DataLoader(dataset.select_columns(token_columns).select(order), batch_size=batch_size,
                             collate_fn=self.data_collator, shuffle=False,
