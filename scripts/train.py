@@ -99,8 +99,6 @@ def save_final_model(trainer, tokenizer, out_dir) -> None:
 @main_guard
 def main(argv=None):
     recipe, dry_run = parse_recipe(argv, stage="train")
-    if recipe.is_generation_free:
-        recipe.training["alpha"] = 0.0  # iteration 0 is plain DPO on the original pairs (the paper's DPO start)
     if dry_run:
         print(recipe.to_yaml())
         return 0
