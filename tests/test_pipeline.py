@@ -13,13 +13,15 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from conftest import REPO, write_smoke_recipe
+from conftest import REPO
 
 VENV = Path(sys.executable).parent.parent
 
 
 def make_command(*args):
-    return ["make", "--no-print-directory", "-C", str(REPO), f"VENV={VENV}", f"LAUNCH={sys.executable}", *args]
+    # -o: the environment running the tests is the one to use; make must not try to (re)install it
+    return ["make", "--no-print-directory", "-C", str(REPO), f"VENV={VENV}", "-o", f"{VENV}/.installed",
+            f"LAUNCH={sys.executable}", *args]
 
 
 def make(*args):
@@ -64,19 +66,21 @@ def check_finished_run(run: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def finished_smoke(tmp_path_factory, fixture_file, tiny_model_dir):
-    """One uninterrupted smoke run (2 iterations) through `make run`, shared by the tests below."""
+def finished_smoke(tmp_path_factory):
+    """`make smoke` (100 samples, 2 iterations, CPU) into a temporary RUN_ROOT, shared by the tests below."""
     d = tmp_path_factory.mktemp("smoke")
     # checkpoints every step, shards of 8 prompts: an interrupted stage has something to resume from
-    recipe = write_smoke_recipe(d, tiny_model_dir, fixture_file, save_strategy="steps", save_steps=1,
-                                generation_shard_size=8)
-    out = make("run", f"RECIPE={recipe}", f"RUN_DIR={d / 'run'}")
-    return recipe, d / "run", out
+    args = "--save_strategy steps --save_steps 1 --generation_shard_size 8"
+    out = make("smoke", f"RUN_ROOT={d}", f"ARGS={args}")
+    run = d / "smoke-selm"
+    recipe = d / "smoke.yaml"  # the same settings as a recipe file, for the tests that rerun it
+    recipe.write_text(yaml.safe_dump(yaml.safe_load((run / "recipe.yaml").read_text())))
+    return recipe, run, out
 
 
 def test_smoke_pipeline_runs_every_stage_and_a_rerun_does_nothing(finished_smoke):
     recipe, run, out = finished_smoke
-    assert "run finished" in out
+    assert "run finished" in out and "| 2 | 50 | 50 |" in out  # make smoke ends with the summary table
     check_finished_run(run)
     from transformers import AutoModelForCausalLM
     AutoModelForCausalLM.from_pretrained(run / "iter-2" / "model")
