@@ -74,16 +74,16 @@ clean-smoke:
 ZEPHYR_ITER0 := --iteration_zero_dir $(RUN_ROOT)/zephyr-iter0
 
 zephyr-selm:
-	$(MAKE) --no-print-directory run RECIPE=recipes/zephyr-7b-sft/selm.yaml RUN_DIR=$(RUN_ROOT)/zephyr-selm ARGS="$(ZEPHYR_ITER0) $(ARGS)" LAUNCH="$(ACCELERATE)" GPUS=$(NUM_GPUS)
+	$(MAKE) --no-print-directory run RECIPE=recipes/zephyr-7b-sft/selm.yaml RUN_DIR=$(or $(RUN_DIR),$(RUN_ROOT)/zephyr-selm) ARGS="$(ZEPHYR_ITER0) $(ARGS)" LAUNCH="$(ACCELERATE)" GPUS=$(NUM_GPUS)
 
 zephyr-dpo:
-	$(MAKE) --no-print-directory run RECIPE=recipes/zephyr-7b-sft/dpo.yaml RUN_DIR=$(RUN_ROOT)/zephyr-dpo ARGS="$(ZEPHYR_ITER0) $(ARGS)" LAUNCH="$(ACCELERATE)" GPUS=$(NUM_GPUS)
+	$(MAKE) --no-print-directory run RECIPE=recipes/zephyr-7b-sft/dpo.yaml RUN_DIR=$(or $(RUN_DIR),$(RUN_ROOT)/zephyr-dpo) ARGS="$(ZEPHYR_ITER0) $(ARGS)" LAUNCH="$(ACCELERATE)" GPUS=$(NUM_GPUS)
 
 llama3-selm:
-	$(MAKE) --no-print-directory run RECIPE=recipes/llama-3-8b-instruct/selm.yaml RUN_DIR=$(RUN_ROOT)/llama3-selm LAUNCH="$(ACCELERATE)" GPUS=$(NUM_GPUS)
+	$(MAKE) --no-print-directory run RECIPE=recipes/llama-3-8b-instruct/selm.yaml RUN_DIR=$(or $(RUN_DIR),$(RUN_ROOT)/llama3-selm) LAUNCH="$(ACCELERATE)" GPUS=$(NUM_GPUS)
 
 llama3-dpo:
-	$(MAKE) --no-print-directory run RECIPE=recipes/llama-3-8b-instruct/dpo.yaml RUN_DIR=$(RUN_ROOT)/llama3-dpo LAUNCH="$(ACCELERATE)" GPUS=$(NUM_GPUS)
+	$(MAKE) --no-print-directory run RECIPE=recipes/llama-3-8b-instruct/dpo.yaml RUN_DIR=$(or $(RUN_DIR),$(RUN_ROOT)/llama3-dpo) LAUNCH="$(ACCELERATE)" GPUS=$(NUM_GPUS)
 
 # ---------------------------------------------------------------- one run: RECIPE, RUN_DIR, ITER, ARGS, LAUNCH
 ifeq ($(MAKECMDGOALS),run)

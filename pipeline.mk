@@ -15,20 +15,25 @@ ifeq ($(wildcard $(RECIPE)),)
 $(error recipe not found: $(RECIPE))
 endif
 
+NUMBERS := 0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20
 RUN_DIR ?= $(RUN_ROOT)/$(notdir $(patsubst %/,%,$(dir $(RECIPE))))-$(basename $(notdir $(RECIPE)))
 LAUNCH ?= $(PY)
 # Flat YAML, so the keys that shape the plan are read with sed (overriding the first two in ARGS is refused by freeze).
 RECIPE_ITERS := $(shell sed -n 's/^num_iterations: *\([0-9][0-9]*\).*/\1/p' $(RECIPE))
 HAS_ITER0 := $(filter true True,$(shell sed -n 's/^dpo_iteration_zero: *\([A-Za-z]*\).*/\1/p' $(RECIPE)))
 ITER ?= $(or $(RECIPE_ITERS),3)
+ifneq ($(filter-out $(wordlist 1,$(or $(RECIPE_ITERS),3),$(wordlist 2,99,$(NUMBERS))),$(ITER)),)
+$(error ITER=$(ITER): $(RECIPE) has iterations up to $(or $(RECIPE_ITERS),3) (num_iterations))
+endif
 ITER0_DIR := $(or $(shell echo '$(ARGS)' | sed -n 's/.*--iteration_zero_dir[ =]\([^ ]*\).*/\1/p'),$(shell sed -n 's/^iteration_zero_dir: *\([^ #]*\).*/\1/p' $(RECIPE)),$(RUN_DIR)/iter-0)
 
-NUMBERS := 0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20
 ITERATIONS := $(if $(HAS_ITER0),0) $(wordlist 2,$(words x $(wordlist 1,$(ITER),$(NUMBERS))),$(NUMBERS))
 previous = $(word $(1),$(NUMBERS))
 iter_dir = $(if $(filter 0,$(1)),$(ITER0_DIR),$(RUN_DIR)/iter-$(1))
 FROZEN := $(RUN_DIR)/recipe.yaml
-PARALLEL := $(if $(GPUS),--data_parallel_size $(GPUS))
+# vLLM replicas = GPUs / GPUs per replica (tensor_parallel_size)
+RECIPE_TP := $(or $(shell echo '$(ARGS)' | sed -n 's/.*--tensor_parallel_size[ =]\([0-9][0-9]*\).*/\1/p'),$(shell sed -n 's/^tensor_parallel_size: *\([0-9][0-9]*\).*/\1/p' $(RECIPE)),1)
+PARALLEL := $(if $(GPUS),--data_parallel_size $(shell echo $$(( $(GPUS) / $(RECIPE_TP) ))))
 
 .PHONY: run freeze
 run: $(foreach k,$(ITERATIONS),$(call iter_dir,$(k))/model)

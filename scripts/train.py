@@ -12,6 +12,7 @@ iteration whose model exists is not retrained.
 """
 
 import json
+import shutil
 import sys
 from contextlib import nullcontext
 
@@ -76,6 +77,31 @@ def last_complete_checkpoint(checkpoints_dir) -> str | None:
     return None
 
 
+# Settings that may differ between two runs sharing iteration 0 without changing what it trains.
+HARMLESS = {"output_dir", "report_to", "logging_steps", "run_name", "save_steps", "save_total_limit", "push_to_hub",
+            "hub_model_id", "hub_private_repo"}
+
+
+def check_shared_iteration_zero(recipe) -> None:
+    """A shared iteration 0 (iteration_zero_dir) is reused only by runs that would train it the same way.
+
+    The first run to train it leaves its resolved settings in train_config.yaml; a run whose model, data or training
+    settings differ (say zephyr-dpo with another beta) is refused instead of silently building on it.
+    """
+    import yaml
+
+    stored_path = recipe.iter_dir() / "train_config.yaml"
+    if recipe.iteration != 0 or not recipe.pipeline.iteration_zero_dir or not stored_path.exists():
+        return
+    stored, current = yaml.safe_load(stored_path.read_text()), recipe.to_dict()
+    differing = [f"{group}.{k}" for group in ("model", "pipeline", "training")
+                 for k in sorted(set(stored.get(group, {})) | set(current[group]))
+                 if k not in HARMLESS and stored.get(group, {}).get(k) != current[group].get(k)]
+    if differing:
+        raise SELMError(f"{stored_path}: the shared iteration 0 was trained with other settings ({', '.join(differing[:6])}); "
+                        "point iteration_zero_dir elsewhere for this run")
+
+
 def save_final_model(trainer, tokenizer, out_dir) -> None:
     """Write model + tokenizer to a temporary directory, then rename it onto `out_dir` (main process only).
 
@@ -102,6 +128,7 @@ def main(argv=None):
     if dry_run:
         print(recipe.to_yaml())
         return 0
+    check_shared_iteration_zero(recipe)
     out_dir = recipe.iter_dir() / "model"
     if out_dir.exists():
         print(f"{out_dir} exists: iteration {recipe.iteration} is already trained; not retraining")
@@ -116,6 +143,10 @@ def main(argv=None):
 
     # Built before any model: under ZeRO-3 the config must exist for from_pretrained to shard at load time.
     args = recipe.training_config()
+    if args.n_gpu > 1:  # trl refuses nn.DataParallel, deep inside; say what to do instead, before loading anything
+        raise SELMError(f"{args.n_gpu} GPUs are visible to one process: launch training with accelerate, e.g. "
+                        "make run ... LAUNCH=\"accelerate launch --config_file recipes/accelerate_configs/"
+                        "deepspeed_zero3.yaml --num_processes N\" (the named targets do this), or set CUDA_VISIBLE_DEVICES")
     with args.main_process_first(desc="training data"):
         dataset = load_training_data(recipe, args.alpha)
     if args.should_save:
@@ -138,6 +169,8 @@ def main(argv=None):
     save_final_model(trainer, tokenizer, out_dir)
     if trainer.accelerator.is_main_process:
         print(f"iteration {recipe.iteration}: model saved to {out_dir}")
+        if not recipe.pipeline.keep_checkpoints:  # ZeRO-3 optimizer states of a 7B model are ~100 GB
+            shutil.rmtree(args.output_dir, ignore_errors=True)
     return 0
 
 

@@ -62,6 +62,10 @@ class PipelineConfig:
         metadata={"help": "'contiguous' (the paper: consecutive slices) or 'shuffled' (seeded permutation first)."},
     )
     split_seed: int = field(default=42, metadata={"help": "Seed of the permutation when portion_split is 'shuffled'."})
+    keep_checkpoints: bool = field(
+        default=False,
+        metadata={"help": "Keep iter-K/checkpoints after iter-K/model is saved (they hold the optimizer states)."},
+    )
     global_batch_size: int | None = field(
         default=None,
         metadata={
@@ -252,6 +256,9 @@ class Recipe:
         values = dict(self.training)
         values["output_dir"] = str(self.iter_dir() / "checkpoints")
         values["gradient_accumulation_steps"] = self.gradient_accumulation_steps()
+        if values.get("push_to_hub") and not values.get("hub_model_id"):
+            # trl would name the repository after the output dir, "checkpoints", for every iteration of every run
+            values["hub_model_id"] = f"{self.run_dir.name}-iter-{self.iteration}"
         values.update(overrides)
         return _selm_config_class()(**values)
 
@@ -395,15 +402,13 @@ def parse_recipe(argv: list[str] | None = None, stage: str = "train") -> tuple[R
         raise SELMError(f"command line: --num_processes must be at least 1, got {num_processes}")
 
     # The iteration count decides how long per-iteration lists must be; read it before resolving them.
-    pipeline_defaults = PipelineConfig()
-    cli_keys = {k for k, _ in _split_cli(rest)}
-    n_iter = int(raw.get("num_iterations", pipeline_defaults.num_iterations))
-    zero = bool(raw.get("dpo_iteration_zero", pipeline_defaults.dpo_iteration_zero))
-    for key, value in _split_cli(rest):
-        if key == "num_iterations" and value is not None:
-            n_iter = int(value)
-        if key == "dpo_iteration_zero":
-            zero = value is None or value.lower() in ("1", "true", "yes")
+    from transformers.hf_argparser import string_to_bool
+
+    overrides = dict(_split_cli(rest))
+    n_iter = _plan_value(path, "num_iterations", overrides.get("num_iterations", raw.get("num_iterations", 3)), int)
+    zero = _plan_value(path, "dpo_iteration_zero", True if "dpo_iteration_zero" in overrides and
+                       overrides["dpo_iteration_zero"] is None else
+                       overrides.get("dpo_iteration_zero", raw.get("dpo_iteration_zero", False)), string_to_bool)
     iterations = list(range(0 if zero else 1, n_iter + 1))
     if iteration not in iterations:
         raise SELMError(f"{path}: --iteration {iteration} is not one of this recipe's iterations {iterations}")
@@ -420,19 +425,14 @@ def parse_recipe(argv: list[str] | None = None, stage: str = "train") -> tuple[R
         resolved[key] = value
 
     for key, allowed in CHOICES.items():
-        value = resolved.get(key)
-        for k, v in _split_cli(rest):
-            if k == key:
-                value = v
+        value = overrides.get(key, resolved.get(key))
         if value is not None and value not in allowed:
             raise SELMError(f"{path}: '{key}' is {value!r}; expected one of {list(allowed)}")
 
     parser = TrlParser(list(classes.values()))
+    parser.error = _raise_parse_error(path)
     parser.set_defaults_with_config(**resolved)
-    try:
-        namespace = parser.parse_args(cli)
-    except SystemExit:
-        raise SELMError(f"command line: could not parse overrides {cli} (see the message above)") from None
+    namespace = parser.parse_args(cli)
 
     values = vars(namespace)
     groups = {name: {f.name: values[f.name] for f in dataclasses.fields(cls) if f.init}
@@ -446,7 +446,7 @@ def parse_recipe(argv: list[str] | None = None, stage: str = "train") -> tuple[R
         iteration=iteration,
         num_processes=num_processes,
         training=groups["training"],
-        explicit_keys=set(raw) | cli_keys,
+        explicit_keys=set(raw) | set(overrides),
         **built,
     )
     if recipe.training.get("output_dir") in (None, ""):
@@ -455,6 +455,23 @@ def parse_recipe(argv: list[str] | None = None, stage: str = "train") -> tuple[R
         raise SELMError(f"{path}: 'model_name_or_path' (the base model) is required")
     recipe.gradient_accumulation_steps()  # fail early on an impossible batch split
     return recipe, dry_run
+
+
+def _plan_value(path, key: str, value, convert):
+    """num_iterations / dpo_iteration_zero, converted like argparse will convert them later."""
+    try:
+        return convert(value) if isinstance(value, str) or convert is int else bool(value)
+    except (TypeError, ValueError):
+        raise SELMError(f"{path}: '{key}' is {value!r}; expected {'a whole number' if convert is int else 'true or false'}") from None
+
+
+def _raise_parse_error(path):
+    """argparse prints its usage (hundreds of lines here) and exits; say the one thing that is wrong instead."""
+
+    def error(message):
+        raise SELMError(f"{path} (or its command-line overrides): {message}")
+
+    return error
 
 
 def main_guard(fn):
@@ -474,11 +491,12 @@ def main_guard(fn):
 PLAN_KEYS = ("num_iterations", "dpo_iteration_zero")
 
 
-def freeze_recipe(argv: list[str]) -> tuple[Path, str]:
+def freeze_recipe(argv: list[str], allow_plan_keys: bool = False) -> tuple[Path, str]:
     """Merge RECIPE with `--key value` overrides into `<output_dir>/recipe.yaml` (see scripts/freeze_recipe.py).
 
     Returns (frozen path, what happened). Raises SELMError for unknown keys, bad per-iteration lists, a plan key
-    among the overrides, or a frozen recipe that differs from this one.
+    among the overrides (unless `allow_plan_keys`: a sweep writes them into each run's own frozen recipe, which is
+    what the Makefile then plans from), or a frozen recipe that differs from this one.
     """
     from selm.io import atomic_path
 
@@ -486,8 +504,11 @@ def freeze_recipe(argv: list[str]) -> tuple[Path, str]:
         raise SELMError("usage: python scripts/freeze_recipe.py RECIPE.yaml --output_dir RUN_DIR [--key value ...]")
     source = Path(argv[0])
     recipe = load_recipe_yaml(source)
-    for key, value in _split_cli(argv[1:]):
-        if key in PLAN_KEYS:
+    overrides = _split_cli(argv[1:])
+    if [k for k, _ in overrides].count("output_dir") > 1:
+        raise SELMError("command line: 'output_dir' is the run directory; set it with RUN_DIR (or RUN_ROOT), not in ARGS")
+    for key, value in overrides:
+        if key in PLAN_KEYS and not allow_plan_keys:
             raise SELMError(f"command line: '{key}' shapes the plan; set it in the recipe file, not in ARGS")
         recipe[key] = True if value is None else yaml.safe_load(value)
     if not recipe.get("output_dir"):

@@ -29,7 +29,11 @@ def load_preference_data(name: str, split: str = "train", config: str | None = N
         dataset = datasets.load_dataset(LOCAL_FORMATS[path.suffix], data_files=str(path), split="train")
         source = str(path)
     else:
-        dataset = datasets.load_dataset(name, config, split=split)
+        try:
+            dataset = datasets.load_dataset(name, config, split=split)
+        except (OSError, ValueError) as e:  # not found, no network, no such split: one line, not a traceback wall
+            raise SELMError(f"dataset {name!r} (split {split!r}) is not a local file and could not be loaded from "
+                            f"the hub: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
         source = f"{name}:{split}"
     if max_samples is not None:
         dataset = dataset.select(range(min(max_samples, len(dataset))))

@@ -12,10 +12,13 @@ from pathlib import Path
 def atomic_path(final: str | os.PathLike):
     """Yield a temporary path beside `final`; rename it onto `final` only if the block succeeds.
 
-    Works for files and directories. On error the temporary is removed and `final` is untouched.
+    Works for files and directories. On error the temporary is removed and `final` is untouched; temporaries
+    that a killed writer of the same artifact left behind are removed first (one writer per artifact).
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
+    for stale in final.parent.glob(f".{final.name}.tmp-*"):  # left by a writer that was killed
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     target = tmp / final.name
     try:

@@ -148,6 +148,8 @@ def build_report(rows, candidates, scores, kept, dropped) -> dict:
         "rows_in": len(rows),
         "rows_out": len(kept),
         "rows_dropped": len(dropped),
+        # rows whose chosen and rejected score the same, whatever on_tie did with them (dropped or kept)
+        "ties": sum(r["scores"][r["chosen_index"]] == r["scores"][r["rejected_index"]] for r in kept + dropped),
         "dropped_by_reason": reasons,
         "generated_chosen": sum(is_generated(r["chosen_index"], r) for r in kept),
         "generated_rejected": sum(is_generated(r["rejected_index"], r) for r in kept),

@@ -61,7 +61,7 @@ def expand(path) -> list[tuple[Path, Path]]:
         args = [sweep["recipe"], "--output_dir", str(run_dir)]
         for key, value in {**(sweep.get("overrides") or {}), **combo}.items():
             args += [f"--{key}", _as_arg(value)]
-        frozen, _ = freeze_recipe(args)
+        frozen, _ = freeze_recipe(args, allow_plan_keys=True)  # e.g. the paper's search over iteration counts
         out.append((frozen, run_dir))
     return out
 

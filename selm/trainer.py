@@ -173,6 +173,7 @@ class SELMTrainer(DPOTrainer):
                                   args.f_divergence_type),
             "ld_alpha": (args.ld_alpha is not None, args.ld_alpha),
             "use_weighting": (bool(args.use_weighting), args.use_weighting),
+            "loss_weights": (args.loss_weights not in (None, [1.0], (1.0,)), args.loss_weights),
         }
         for key, (bad, value) in unsupported.items():
             if bad:

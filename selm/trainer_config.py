@@ -21,6 +21,11 @@ class SELMConfig(DPOConfig):
             "the official code (the paper's Algorithm 1 omits beta). 0 gives plain DPO (sigmoid loss)."
         },
     )
+    # Nothing leaves the machine by surprise: when a recipe does set push_to_hub, the repository is private.
+    hub_private_repo: bool | None = field(
+        default=True,
+        metadata={"help": "Create the hub repository as private (push_to_hub is off unless the recipe sets it)."},
+    )
     max_prompt_length: int | None = field(
         default=None,
         metadata={

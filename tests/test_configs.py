@@ -141,6 +141,26 @@ def test_freeze_writes_once_and_refuses_a_changed_rerun(tmp_path):
     assert not (tmp_path / "r2" / "recipe.yaml").exists()
     with pytest.raises(SELMError, match="'num_iterations' shapes the plan"):
         freeze_recipe(args + ["--num_iterations", "5"])
+    with pytest.raises(SELMError, match="'output_dir' is the run directory; set it with RUN_DIR"):
+        freeze_recipe(args + ["--output_dir", str(tmp_path / "elsewhere")])
+
+
+def test_badly_typed_values_are_one_line_naming_key_and_value(tmp_path):
+    recipe = str(REPO / "recipes/smoke/selm.yaml")
+    with pytest.raises(SELMError, match=r"'num_iterations' is 'abc'; expected a whole number"):
+        parse_recipe([recipe, "--iteration", "1", "--num_iterations", "abc"])
+    with pytest.raises(SELMError, match=r"argument --global_batch_size.*invalid int value: 'x'"):
+        parse_recipe([recipe, "--iteration", "1", "--global_batch_size", "x"])
+    quoted = write(tmp_path, "model_name_or_path: m\noutput_dir: o\ndpo_iteration_zero: 'false'\n")
+    assert parse_recipe([str(quoted), "--iteration", "1"])[0].pipeline.first_iteration == 1
+
+
+def test_hub_pushes_are_private_and_named_per_run_and_iteration():
+    r, _ = parse_recipe([str(REPO / "recipes/smoke/selm.yaml"), "--iteration", "2", "--push_to_hub", "true"])
+    config = r.training_config()
+    assert config.hub_private_repo is True and config.hub_model_id == "smoke-selm-iter-2"
+    r, _ = parse_recipe([str(REPO / "recipes/smoke/selm.yaml"), "--iteration", "1"])
+    assert r.training_config().push_to_hub is False
 
 
 def test_stage_script_error_is_one_line_and_nonzero(tmp_path):

@@ -59,6 +59,7 @@ def check_finished_run(run: Path) -> dict:
         config = yaml.safe_load((d / "train_config.yaml").read_text())
         assert config["iteration"] == k and config["training"]["learning_rate"] == pytest.approx([5e-4, 2e-4][k - 1])
         assert not [p for p in d.rglob("*") if ".tmp-" in p.name], "a temporary artifact was left behind"
+        assert not (d / "checkpoints").exists()  # removed once the model is saved (keep_checkpoints: false)
     # iteration 2 generated with, and trained from, iteration 1's model
     assert read_parquet_metadata(run / "iter-2" / "generated.parquet")["model"] == str(run / "iter-1" / "model")
     assert yaml.safe_load((run / "iter-2" / "train_config.yaml").read_text())["start_model"] == str(run / "iter-1" / "model")

@@ -325,6 +325,7 @@ def test_rank_rows_accounting_ties_and_multi_turn():
 
     kept_all, dropped_none, report_keep = rank_rows(rows, TableScorer(table), "best_worst", "keep")
     assert len(kept_all) == 12 and not dropped_none and report_keep["rows_dropped"] == 0
+    assert report_keep["ties"] == report["ties"] == 4  # counted whether kept or dropped
     assert [(r["chosen_index"], r["rejected_index"]) for r in kept_all[::3]] == [(0, 2)] * 4
 
     kept_orig, dropped_orig, _ = rank_rows(rows, TableScorer(table), "original", "drop")

@@ -57,7 +57,8 @@ def assert_loadable(model_dir, start_dir):
 
 
 def test_cli_trains_saves_resumes_and_skips(smoke_recipe, tiny_model_dir, capsys):
-    recipe = smoke_recipe(save_strategy="steps", save_steps=1, warmup_steps=0)
+    # keep_checkpoints: the test stands in for a crash after step 1 by deleting the finished model
+    recipe = smoke_recipe(save_strategy="steps", save_steps=1, warmup_steps=0, keep_checkpoints=True)
     run = recipe.parent / "run"
     write_ranked(run)
     # First run, through the real command line, stops after step 1 (as a crash right after checkpoint-1 would).
@@ -136,6 +137,25 @@ def test_iteration_zero_is_dpo_on_the_original_pairs(smoke_recipe, tiny_model_di
     assert (iter0 / "portion.parquet").is_file() and not (iter0 / "ranked.parquet").exists()
     assert yaml.safe_load((iter0 / "train_config.yaml").read_text())["training"]["alpha"] == 0.0
     assert_loadable(iter0 / "model", tiny_model_dir)
+
+
+def test_shared_iteration_zero_is_reused_only_with_the_same_settings(smoke_recipe, tmp_path, capsys):
+    shared = tmp_path / "shared-iter0"
+    common = dict(dpo_iteration_zero=True, learning_rate=[5.0e-4, 5.0e-4, 2.0e-4], warmup_steps=0,
+                  iteration_zero_dir=str(shared))
+    selm = smoke_recipe(**common, alpha=0.01)
+    assert train_main()([str(selm), "--iteration", "0", "--max_steps", "1"]) == 0
+    mtime = (shared / "model").stat().st_mtime_ns
+    # the DPO run of the same base model: alpha differs only from iteration 1 on, so iteration 0 is shared
+    dpo = smoke_recipe(**common, alpha=0.0, output_dir=str(tmp_path / "dpo-run"))
+    capsys.readouterr()
+    assert train_main()([str(dpo), "--iteration", "0", "--max_steps", "1"]) == 0
+    assert "already trained" in capsys.readouterr().out and (shared / "model").stat().st_mtime_ns == mtime
+    other = smoke_recipe(**common, alpha=0.0, beta=0.05, output_dir=str(tmp_path / "other-run"))
+    with pytest.raises(SystemExit) as exit_info:
+        train_main()([str(other), "--iteration", "0", "--max_steps", "1"])
+    assert exit_info.value.code == 2
+    assert "shared iteration 0 was trained with other settings (training.beta)" in capsys.readouterr().err
 
 
 # In the default suite on purpose: the multi-process ZeRO-3 path is the one that breaks silently on clusters.
