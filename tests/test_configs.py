@@ -171,3 +171,23 @@ def test_stage_script_error_is_one_line_and_nonzero(tmp_path):
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert errors == [f"error: {path} (with overrides): unknown key 'alpah' (did you mean 'alpha'?)"]
     assert "Traceback" not in proc.stderr
+
+
+def test_sweep_expands_one_frozen_run_per_combination_including_iteration_counts(tmp_path):
+    from selm.sweep import expand
+
+    base = yaml.safe_load((REPO / "recipes/smoke/selm.yaml").read_text()) | {"learning_rate": 5.0e-4}
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(yaml.safe_dump({"recipe": str(tmp_path / "base.yaml"), "output_root": str(tmp_path / "runs"),
+                                     "grid": {"num_iterations": [1, 3], "alpha": [0.0, 0.001]}}, sort_keys=False))
+    runs = expand(sweep)
+    assert [d.name for _, d in runs] == ["num_iterations-1_alpha-0.0", "num_iterations-1_alpha-0.001",
+                                         "num_iterations-3_alpha-0.0", "num_iterations-3_alpha-0.001"]
+    frozen = [yaml.safe_load(f.read_text()) for f, _ in runs]
+    assert [(f["num_iterations"], f["alpha"], f["output_dir"]) for f in frozen] == [
+        (n, a, str(d)) for (n, a), (_, d) in zip([(1, 0.0), (1, 0.001), (3, 0.0), (3, 0.001)], runs)]
+    assert expand(sweep) == runs  # a rerun reuses the frozen runs: a sweep resumes like a run
+    with pytest.raises(SELMError, match="unknown key 'gird'"):
+        sweep.write_text(yaml.safe_dump({"recipe": "r", "output_root": "o", "gird": {}}))
+        expand(sweep)
