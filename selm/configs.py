@@ -9,7 +9,6 @@ recipe: one value per iteration, in iteration order. Stage scripts are called as
 and command-line values override the recipe (a command-line value applies to the one iteration being run).
 """
 
-import argparse
 import dataclasses
 import difflib
 import os
@@ -22,8 +21,6 @@ from pathlib import Path
 import yaml
 
 from selm.errors import SELMError
-
-STAGES = ("generate", "rank", "train", "evaluate", "freeze")
 
 
 @dataclass
@@ -379,7 +376,7 @@ def parse_recipe(argv: list[str] | None = None, stage: str = "train") -> tuple[R
         if key not in fields:
             raise _unknown_key_error(path, key, known)
 
-    iteration, dry_run, num_processes, cli = None, False, None, []
+    iteration, dry_run, num_processes, cli, overrides = None, False, None, [], {}
     for key, value in _split_cli(rest):
         if key == "dry_run":
             dry_run = value is None or value.lower() in ("1", "true", "yes")
@@ -394,6 +391,7 @@ def parse_recipe(argv: list[str] | None = None, stage: str = "train") -> tuple[R
             raise _unknown_key_error("command line", key, known)
         else:
             cli += [f"--{key}"] + ([] if value is None else [value])
+            overrides[key] = value
     if iteration is None:
         raise SELMError(f"command line: --iteration K is required (python scripts/{stage}.py {path} --iteration K)")
     if num_processes is None:
@@ -404,7 +402,6 @@ def parse_recipe(argv: list[str] | None = None, stage: str = "train") -> tuple[R
     # The iteration count decides how long per-iteration lists must be; read it before resolving them.
     from transformers.hf_argparser import string_to_bool
 
-    overrides = dict(_split_cli(rest))
     n_iter = _plan_value(path, "num_iterations", overrides.get("num_iterations", raw.get("num_iterations", 3)), int)
     zero = _plan_value(path, "dpo_iteration_zero", True if "dpo_iteration_zero" in overrides and
                        overrides["dpo_iteration_zero"] is None else

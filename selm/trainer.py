@@ -21,9 +21,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from accelerate.utils import broadcast_object_list, is_peft_model
+from accelerate.utils import is_peft_model
 from datasets import Dataset, IterableDataset
-from datasets.fingerprint import Hasher
 from torch.utils.data import DataLoader
 from transformers import AutoProcessor, ProcessorMixin
 from transformers.trainer_utils import get_last_checkpoint
