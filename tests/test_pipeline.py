@@ -166,3 +166,14 @@ def test_resume_skips_a_checkpoint_whose_writing_was_interrupted(tmp_path):
         if state is not None:
             (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text(state)
     assert last_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-2")
+
+
+def test_make_n_shows_the_papers_zephyr_plan(tmp_path):
+    out = make("-n", "zephyr-selm", "ITER=3", "NUM_GPUS=8", f"RUN_ROOT={tmp_path}")
+    stages = [line for line in out.splitlines() if "scripts/" in line and "freeze_recipe" not in line]
+    plan = [(line.split("scripts/")[1].split(".py")[0], line.split("--iteration ")[1].split()[0]) for line in stages]
+    assert plan == [("train", "0")] + [(s, str(k)) for k in (1, 2, 3) for s in ("generate", "rank", "train")]
+    launch = "accelerate launch --config_file recipes/accelerate_configs/deepspeed_zero3.yaml --num_processes 8"
+    assert all(launch in line for line in stages if "scripts/train.py" in line)
+    assert all("--data_parallel_size 8" in line for line in stages if "scripts/generate.py" in line)
+    assert f"{tmp_path}/zephyr-iter0" in out and not (tmp_path / "zephyr-selm").exists()  # -n runs nothing
