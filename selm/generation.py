@@ -145,7 +145,11 @@ class Generator:
         """num_responses decoded responses per conversation."""
         prompt_ids = self.encode(conversations)
         self.check_lengths(prompt_ids, names)
-        return [[self.decode(c) for c in per_prompt] for per_prompt in self.generate_ids(prompt_ids, seed_offset)]
+        return self.generate_texts(prompt_ids, seed_offset)
+
+    def generate_texts(self, prompt_token_ids: list[list[int]], seed_offset: int = 0) -> list[list[str]]:
+        """num_responses decoded responses per already encoded (and length-checked) prompt."""
+        return [[self.decode(c) for c in per_prompt] for per_prompt in self.generate_ids(prompt_token_ids, seed_offset)]
 
     def decode(self, token_ids: list[int]) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True)
@@ -313,14 +317,14 @@ def _shard_path(shard_dir: Path, k: int) -> Path:
 
 
 def _write_shards(gen: Generator, shards, shard_dir: Path) -> list[str]:
-    """Generate and atomically write each (k, start, conversations, prompt_ids) shard."""
+    """Generate and atomically write each (k, start, prompt token ids, prompt_ids) shard."""
     import pyarrow as pa
 
     from selm.io import write_parquet
 
     paths = []
-    for k, start, conversations, prompt_ids in shards:
-        responses = gen.generate(conversations, prompt_ids, seed_offset=start)
+    for k, start, token_ids, prompt_ids in shards:
+        responses = gen.generate_texts(token_ids, seed_offset=start)
         path = _shard_path(shard_dir, k)
         write_parquet(pa.table({"prompt_id": prompt_ids, "responses": responses}), path)
         print(f"generate: wrote {path} ({len(prompt_ids)} prompts)", flush=True)
@@ -394,15 +398,15 @@ def generate_stage(recipe, engine_kwargs: dict | None = None, progress: bool = T
     shard_dir = out.parent / "generated.shards"
     signature = {"model": model_path, "rows": len(rows), "first_prompt_id": names[0], "last_prompt_id": names[-1],
                  **{k: getattr(settings, k) for k in SIGNATURE_KEYS}}
-    shards = [(k, start, conversations[start:start + size], names[start:start + size])
-              for k, start in enumerate(range(0, len(rows), size))]
-    pending = [s for s in shards if not _shard_path(shard_dir, s[0]).exists()]
-
     kwargs = dict(dtype=recipe.model.dtype, attn_implementation=recipe.model.attn_implementation,
                   trust_remote_code=bool(recipe.training.get("trust_remote_code", False)),
                   engine_kwargs=engine_kwargs, progress=progress)
     with Generator(model_path, settings, **kwargs) as gen:
-        gen.check_lengths(gen.encode(conversations), names)  # every prompt, before anything is written
+        encoded = gen.encode(conversations)  # once: the length check and every shard use these ids
+        gen.check_lengths(encoded, names)  # every prompt, before anything is written
+        shards = [(k, start, encoded[start:start + size], names[start:start + size])
+                  for k, start in enumerate(range(0, len(rows), size))]
+        pending = [s for s in shards if not _shard_path(shard_dir, s[0]).exists()]
         shard_dir.mkdir(parents=True, exist_ok=True)
         _check_signature(shard_dir, signature)
         if pending and len(pending) < len(shards):

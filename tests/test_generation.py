@@ -248,7 +248,7 @@ def test_interrupted_run_resumes_at_shard_granularity(smoke_recipe, varied_model
     recipe = smoke_recipe(**common, output_dir=str(tmp_path / "run"))
     run_dir = tmp_path / "run/iter-1"
     calls = []
-    real_generate = generation.Generator.generate
+    real_generate = generation.Generator.generate_texts  # called once per shard
 
     def crash_on_second_shard(self, *args, **kwargs):
         calls.append(1)
@@ -256,7 +256,7 @@ def test_interrupted_run_resumes_at_shard_granularity(smoke_recipe, varied_model
             raise KeyboardInterrupt("simulated interruption")
         return real_generate(self, *args, **kwargs)
 
-    monkeypatch.setattr(generation.Generator, "generate", crash_on_second_shard)
+    monkeypatch.setattr(generation.Generator, "generate_texts", crash_on_second_shard)
     with pytest.raises(KeyboardInterrupt):
         run_script(recipe, "--iteration", 1)
     monkeypatch.undo()
