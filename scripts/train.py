@@ -163,7 +163,10 @@ def main(argv=None):
     checkpoint = args.resume_from_checkpoint or last_complete_checkpoint(args.output_dir)
     if checkpoint and trainer.accelerator.is_main_process:
         print(f"resuming iteration {recipe.iteration} from {checkpoint}")
-    trainer.train(resume_from_checkpoint=checkpoint)
+    try:
+        trainer.train(resume_from_checkpoint=checkpoint)
+    except SELMError as e:  # a stop (non-finite loss or gradient) names its step; say which iteration too
+        raise SELMError(f"iteration {recipe.iteration}: {e}") from e
     if trainer.accelerator.is_main_process:  # before the model: iter-K/model is what marks the iteration done
         write_text(recipe.iter_dir() / "train_log.json", json.dumps(trainer.state.log_history, indent=1))
     save_final_model(trainer, tokenizer, out_dir)

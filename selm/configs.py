@@ -451,6 +451,9 @@ def parse_recipe(argv: list[str] | None = None, stage: str = "train") -> tuple[R
     if recipe.model.model_name_or_path in (None, ""):
         raise SELMError(f"{path}: 'model_name_or_path' (the base model) is required")
     recipe.gradient_accumulation_steps()  # fail early on an impossible batch split
+    from selm.prefix_sharing import check_attention  # prefix sharing needs a kernel that takes a 4-D mask
+
+    check_attention(recipe.model.attn_implementation, recipe.training.get("prefix_sharing", "false"), source=str(path))
     return recipe, dry_run
 
 

@@ -12,10 +12,16 @@ The trainer overrides DPOTrainer at five seams and nowhere else:
 - `_set_signature_columns_if_needed`: keeps the reference columns;
 - `compute_ref_log_probs` / `_precompute_ref_logps`: reference log-probs of all three completions;
 - `_compute_loss`: the SELM loss and its metrics. Batches without reference rows go to DPOTrainer unchanged.
+
+With `prefix_sharing` (selm/prefix_sharing.py) the collator may pack each example into one row; `_sequence_logps`
+gives the rest of the trainer the same per-completion log-probs, in the same order, from either layout. Such packed
+DPO pairs (α = 0, no reference column) take the SELM loss path too, whose α = 0 loss is DPO's sigmoid loss.
+A non-finite loss or gradient stops training before the optimizer step applies it (`compute_loss`, `_get_grad_norm`).
 """
 
 import contextlib
-import gc
+import math
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,7 +30,7 @@ import torch.nn.functional as F
 from accelerate.utils import is_peft_model
 from datasets import Dataset, IterableDataset
 from torch.utils.data import DataLoader
-from transformers import AutoProcessor, ProcessorMixin
+from transformers import AutoConfig, AutoProcessor, ProcessorMixin
 from transformers.trainer_utils import get_last_checkpoint
 from trl import DPOTrainer
 from trl.data_utils import _tokenize, common_prefix_length, is_conversational
@@ -33,12 +39,15 @@ from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.dpo_trainer import DataCollatorForPreference
 from trl.trainer.utils import get_config_model_id, pad, use_adapter
 
+from selm import prefix_sharing
 from selm.errors import SELMError
+from selm.trainer_config import SELMConfig
 
 REFERENCE = "reference_response"
 GROUPS = ("chosen", "rejected", "reference")
 # Batch keys that are not model inputs.
-NON_MODEL_KEYS = {"completion_mask", "sequence_group", "ref_chosen_logps", "ref_rejected_logps", "ref_reference_logps"}
+NON_MODEL_KEYS = {"completion_mask", "sequence_group", "segment_ids", "ref_chosen_logps", "ref_rejected_logps",
+                  "ref_reference_logps"}
 
 
 def _column_names(dataset) -> list[str]:
@@ -68,17 +77,52 @@ def require_reference(dataset, name: str, alpha: float) -> None:
         )
 
 
+def _num_groups(inputs) -> int:
+    """Completions per example in a SELM-path batch: 3 unshared; packed rows may also hold DPO pairs (2)."""
+    if "segment_ids" in inputs:
+        return inputs["sequence_group"].numel() // inputs["input_ids"].size(0)
+    return len(GROUPS)
+
+
 @dataclass
 class SELMDataCollator(DataCollatorForPreference):
     """DataCollatorForPreference whose rows are [chosen; rejected; reference] when examples carry `reference_ids`.
 
     Every row is prompt + completion, truncated to `max_length` like trl does, then all rows are padded together.
-    `sequence_group` (0/1/2 per row) tells the trainer the batch has three groups.
+    `sequence_group` (0/1/2 per completion) tells the trainer the batch takes the SELM path. With `prefix_sharing`
+    'true' (or 'auto' and the estimate says it pays) a batch is one packed row per example instead
+    (selm/prefix_sharing.py), DPO pairs too when `pack_pairs`.
     """
 
+    prefix_sharing: str = "false"
+    area_weight: float = 0.0
+    pack_pairs: bool = False
+
     def torch_call(self, examples):
-        if "reference_ids" not in examples[0]:
+        groups = GROUPS if "reference_ids" in examples[0] else GROUPS[:2]
+        packed = self._packs(examples, groups)
+        if len(groups) < len(GROUPS) and not packed:
             return super().torch_call(examples)
+        if packed:
+            out = prefix_sharing.pack(examples, groups, self.pad_token_id, self.max_length, self.pad_to_multiple_of)
+        else:
+            out = self._unshared(examples)
+        out["sequence_group"] = torch.arange(len(groups)).repeat_interleave(len(examples))
+        for group in groups:
+            key = f"ref_{group}_logps"
+            if key in examples[0]:
+                out[key] = torch.tensor([ex[key] for ex in examples])
+        return out
+
+    def _packs(self, examples, groups) -> bool:
+        if self.prefix_sharing == "false" or (len(groups) < len(GROUPS) and not self.pack_pairs):
+            return False
+        if not prefix_sharing.can_pack(examples, self.max_length):
+            return False  # an empty prompt has no last token to copy: such a batch stays unshared (same result)
+        return self.prefix_sharing == "true" or prefix_sharing.packed_cost_ratio(
+            examples, groups, self.max_length, self.area_weight) <= prefix_sharing.AUTO_THRESHOLD
+
+    def _unshared(self, examples):
         ids, masks = [], []
         for group in GROUPS:
             for ex in examples:
@@ -97,17 +141,11 @@ class SELMDataCollator(DataCollatorForPreference):
             return pad([torch.tensor(r, dtype=torch.long) for r in rows], padding_value=value,
                        padding_side="right", pad_to_multiple_of=self.pad_to_multiple_of)
 
-        out = {
+        return {
             "input_ids": padded(ids, self.pad_token_id),
             "attention_mask": padded([[1] * len(r) for r in ids], 0),
             "completion_mask": padded(masks, 0),
-            "sequence_group": torch.arange(len(GROUPS)).repeat_interleave(len(examples)),
         }
-        for group in GROUPS:
-            key = f"ref_{group}_logps"
-            if key in examples[0]:
-                out[key] = torch.tensor([ex[key] for ex in examples])
-        return out
 
 
 class _ArgsWithoutLengthFilter:
@@ -135,38 +173,45 @@ class SELMTrainer(DPOTrainer):
 
     def __init__(self, model, ref_model=None, args=None, data_collator=None, train_dataset=None,
                  eval_dataset=None, processing_class=None, **kwargs):
-        if args is None:
-            raise ValueError("SELMTrainer needs args (a selm.SELMConfig)")
+        model_name = model if isinstance(model, str) else get_config_model_id(model.config)
+        if args is None:  # as DPOTrainer does, with this trainer's config class
+            args = SELMConfig(f"{model_name.split('/')[-1]}-SELM")
         self.alpha = float(getattr(args, "alpha", 0.0))
         if train_dataset is not None:
             require_reference(train_dataset, "train", self.alpha)
-        has_reference = train_dataset is not None and REFERENCE in _column_names(train_dataset)
-        if has_reference:
+        columns = _column_names(train_dataset) if train_dataset is not None else []
+        vision = "image" in columns or "images" in columns  # DPOTrainer's test for a vision dataset
+        if REFERENCE in columns:
             self._check_supported(args)
-        if data_collator is None and not isinstance(processing_class, ProcessorMixin):
-            if processing_class is None:
-                name = model if isinstance(model, str) else get_config_model_id(model.config)
-                processing_class = AutoProcessor.from_pretrained(name, trust_remote_code=args.trust_remote_code)
-            tokenizer = getattr(processing_class, "tokenizer", processing_class)
-            tokenizer.pad_token = args.pad_token or tokenizer.pad_token or tokenizer.eos_token
+            if vision:
+                raise SELMError(f"train dataset: '{REFERENCE}' with images is not supported (the SELM collator is "
+                                "text-only); drop the image columns, or train DPO (alpha: 0) without the reference")
+        if processing_class is None:
+            revision = (args.model_init_kwargs or {}).get("revision") if isinstance(model, str) else None
+            processing_class = AutoProcessor.from_pretrained(model_name, revision=revision,
+                                                             trust_remote_code=args.trust_remote_code)
+        if data_collator is None and not vision:  # vision datasets: DPOTrainer's own collator
+            tokenizer = processing_class.tokenizer if isinstance(processing_class, ProcessorMixin) else processing_class
+            # DPOTrainer's pad-token rule, which it applies only to a collator it builds itself
+            pad_token = args.pad_token or tokenizer.pad_token or tokenizer.eos_token
+            if pad_token not in tokenizer.get_vocab():
+                raise SELMError(f"training config: pad_token {pad_token!r} is not in the vocabulary of "
+                                f"{type(processing_class).__name__}; set pad_token to a token it has")
+            tokenizer.pad_token = pad_token
+            mode, weight = self._prefix_sharing_mode(model, ref_model, args, processing_class, kwargs)
             data_collator = SELMDataCollator(
                 pad_token_id=tokenizer.pad_token_id, max_length=args.max_length,
                 truncation_mode=args.truncation_mode, pad_to_multiple_of=args.pad_to_multiple_of,
+                prefix_sharing=mode, area_weight=weight, pack_pairs=not self._unsupported_settings(args),
             )
         super().__init__(model, ref_model=ref_model, args=args, data_collator=data_collator,
                          train_dataset=train_dataset, eval_dataset=eval_dataset,
                          processing_class=processing_class, **kwargs)
-        if self.precompute_ref_logps and self.ref_model is not None and not self.args.sync_ref_model:
-            # Every reference log-prob is in the dataset now: the reference model need not stay in memory.
-            self.ref_model = None
-            gc.collect()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
 
     @staticmethod
-    def _check_supported(args) -> None:
-        """The SELM loss is defined on DPO's sigmoid loss with plain summed log-probs; refuse the other variants."""
-        unsupported = {
+    def _unsupported_settings(args) -> list[tuple[str, object]]:
+        """(key, value) of the loss settings other than DPO's plain sigmoid loss on summed log-probs."""
+        checks = {
             "loss_type": (list(args.loss_type) != ["sigmoid"], args.loss_type),
             "f_divergence_type": (str(getattr(args.f_divergence_type, "value", args.f_divergence_type)) != "reverse_kl",
                                   args.f_divergence_type),
@@ -174,10 +219,59 @@ class SELMTrainer(DPOTrainer):
             "use_weighting": (bool(args.use_weighting), args.use_weighting),
             "loss_weights": (args.loss_weights not in (None, [1.0], (1.0,)), args.loss_weights),
         }
-        for key, (bad, value) in unsupported.items():
-            if bad:
-                raise SELMError(f"training config: '{key}' is {value!r}; the SELM loss (with '{REFERENCE}') "
-                                "supports only DPO's default sigmoid loss")
+        return [(key, value) for key, (bad, value) in checks.items() if bad]
+
+    @classmethod
+    def _check_supported(cls, args) -> None:
+        """The SELM loss is defined on DPO's sigmoid loss with plain summed log-probs; refuse the other variants."""
+        for key, value in cls._unsupported_settings(args)[:1]:
+            raise SELMError(f"training config: '{key}' is {value!r}; the SELM loss (with '{REFERENCE}') "
+                            "supports only DPO's default sigmoid loss")
+
+    @staticmethod
+    def _prefix_sharing_mode(model, ref_model, args, processing_class, kwargs) -> tuple[str, float]:
+        """The collator's prefix sharing ('true' / 'auto' / 'false') and its attention-area weight.
+
+        What cannot share a prefix is refused with prefix_sharing: true; 'auto' simply never packs there.
+        """
+        mode = prefix_sharing.parse_mode(getattr(args, "prefix_sharing", "false"))
+        if mode == "false":
+            return mode, 0.0
+        init_kwargs = args.model_init_kwargs or {}
+        config = model.config if not isinstance(model, str) else AutoConfig.from_pretrained(
+            model, revision=init_kwargs.get("revision"), trust_remote_code=args.trust_remote_code)
+        text = config.get_text_config()
+        attention = [m.config._attn_implementation if not isinstance(m, str) else init_kwargs.get("attn_implementation")
+                     for m in (model, ref_model) if m is not None]
+        peft_config = kwargs.get("peft_config")
+        prompt_learning = getattr(peft_config, "is_prompt_learning", False) or (
+            is_peft_model(model) and getattr(model.active_peft_config, "is_prompt_learning", False))
+        aux_coef = args.router_aux_loss_coef if args.router_aux_loss_coef is not None else getattr(
+            text, "router_aux_loss_coef", 0.0)
+        obstacles = [
+            (any(a is not None and a not in prefix_sharing.SHAREABLE_ATTENTION for a in attention),
+             f"cannot run with attn_implementation {attention} (its kernel cannot express a shared prefix); "
+             "set attn_implementation: sdpa"),
+            (args.truncation_mode == "keep_end", "cannot keep the end of rows (truncation_mode: keep_end); "
+             "use keep_start"),
+            (prompt_learning, "cannot place prompt-learning PEFT's virtual tokens; train without prefix sharing"),
+            (hasattr(text, "output_router_logits") and (aux_coef != 0 or bool(text.output_router_logits)),
+             "cannot compute the MoE auxiliary loss (output_router_logits) over packed rows; set "
+             "router_aux_loss_coef: 0"),
+            (kwargs.get("compute_metrics") is not None, "cannot return the unshared logits compute_metrics needs "
+             "(the return_outputs path)"),
+            (isinstance(processing_class, ProcessorMixin), "supports text-only causal LMs, not processor-backed models"),
+        ]
+        try:
+            prefix_sharing.layer_windows(config)
+        except SELMError as e:
+            obstacles.append((True, f"cannot mask this model: {e}"))
+        for blocked, why in obstacles:
+            if blocked and mode == "true":
+                raise SELMError(f"training config: prefix_sharing: true {why} (or set prefix_sharing: false)")
+            if blocked:
+                return "false", 0.0
+        return mode, prefix_sharing.area_weight(config)
 
     # ---- data ----
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
@@ -242,12 +336,19 @@ class SELMTrainer(DPOTrainer):
         if "sequence_group" not in inputs:
             return super().compute_ref_log_probs(model, inputs)
         with torch.no_grad():
-            return tuple(self._sequence_logps(model, inputs, reference=True)[0].chunk(len(GROUPS)))
+            return tuple(self._sequence_logps(model, inputs, reference=True)[0].chunk(_num_groups(inputs)))
 
     def _sequence_logps(self, model, inputs, reference: bool):
-        """(token-summed completion log-probs per row, the fused head's outputs) from one forward."""
+        """(token-summed completion log-probs, group-major [chosen..., rejected..., reference...], the fused head's
+        outputs) from one forward, of unshared or packed rows alike."""
         model_kwargs = {k: v for k, v in inputs.items() if k not in NON_MODEL_KEYS}
         model_kwargs["use_cache"] = False
+        packed = "segment_ids" in inputs
+        if packed:
+            unwrapped = self.accelerator.unwrap_model(model)
+            model_kwargs["attention_mask"] = prefix_sharing.attention_mask(
+                inputs["segment_ids"], inputs["position_ids"], unwrapped.config._attn_implementation, unwrapped.dtype,
+                prefix_sharing.layer_windows(unwrapped.config))
         if self.aux_loss_enabled and not reference:
             model_kwargs["output_router_logits"] = True
         labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
@@ -262,8 +363,11 @@ class SELMTrainer(DPOTrainer):
         with context:
             outputs = model(**model_kwargs, labels=labels, fused_lm_head=True)
         seq_len = inputs["completion_mask"].size(1) - 1
-        # Masked positions are 0 in log_probs, so the row sum is the sum over the completion tokens.
-        return outputs.log_probs[:, -seq_len:].sum(dim=1), outputs
+        # Masked positions are 0 in log_probs, so a sum over a row (or a segment) is the sum over its completion.
+        token_logps = outputs.log_probs[:, -seq_len:]
+        if packed:
+            return prefix_sharing.group_sums(token_logps, inputs["segment_ids"], _num_groups(inputs)), outputs
+        return token_logps.sum(dim=1), outputs
 
     def _precompute_ref_logps(self, dataset, name, batch_size):
         if REFERENCE not in _column_names(dataset):
@@ -310,86 +414,109 @@ class SELMTrainer(DPOTrainer):
         # Every process learns whether any has a non-finite loss, so all stop together instead of one hanging.
         finite = self.accelerator.gather(torch.isfinite(loss.detach()).all().reshape(1).float()).min().item()
         if finite < 1:
-            mode = "training" if self.model.training else "evaluation"
-            last = get_last_checkpoint(self.args.output_dir) if self.args.output_dir else None
-            raise SELMError(
-                f"{mode} stopped: the loss is {loss.detach().float().item()} at step {self.state.global_step + 1} "
-                f"(epoch {self.state.epoch or 0:.2f}); nothing was saved from this step, the last good checkpoint "
-                f"is {last or 'none'}"
-            )
+            raise self._stopped(f"the loss is {loss.detach().float().item()}")
         return result
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        """transformers' gradient norm, taken after the accumulation and before the optimizer step: a non-finite one
+        stops training there, so the step never reaches the weights.
+
+        The norm is global (DDP reduces the gradients first; DeepSpeed and FSDP reduce the norm), so every process
+        raises together. Under DeepSpeed the engine has stepped inside `backward` already, but its ZeRO optimizers skip
+        a step whose gradient norm is non-finite (bf16 and fp32; DeepSpeed 0.19), so the weights are untouched there
+        too. A loss scaler (fp16 AMP, DeepSpeed fp16) skips such steps and lowers its scale, which is normal: no stop.
+        """
+        grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
+        scaled = self.accelerator.scaler is not None or (self.is_deepspeed_enabled and self.args.fp16)
+        if grad_norm is not None and not scaled and not math.isfinite(float(grad_norm)):
+            raise self._stopped(f"the gradient norm is {float(grad_norm)}")
+        return grad_norm
+
+    def _stopped(self, what: str) -> SELMError:
+        step = self.state.global_step + 1
+        if not self.model.training:
+            return SELMError(f"evaluation stopped: {what} (after training step {self.state.global_step})")
+        last = get_last_checkpoint(self.args.output_dir) if self.args.output_dir and os.path.isdir(
+            self.args.output_dir) else None
+        return SELMError(
+            f"training stopped at step {step} (epoch {self.state.epoch or 0:.2f}): {what}; the step was not applied, "
+            f"the weights are those after step {step - 1}; output_dir {self.args.output_dir}, last good checkpoint "
+            f"{last or 'none'}"
+        )
 
     def _compute_loss(self, model, inputs, return_outputs):
         if "sequence_group" not in inputs:
             return super()._compute_loss(model, inputs, return_outputs)
+        if return_outputs and "segment_ids" in inputs:
+            raise SELMError("compute_loss(return_outputs=True) needs unshared rows; set prefix_sharing: false")
         mode = "train" if self.model.training else "eval"
+        groups = GROUPS[: _num_groups(inputs)]
         logps, outputs = self._sequence_logps(model, inputs, reference=False)
-        chosen_logps, rejected_logps, reference_logps = logps.chunk(len(GROUPS))
         if self.precompute_ref_logps:
-            if "ref_reference_logps" not in inputs:
-                raise SELMError("precompute_ref_log_probs: the batch has no 'ref_reference_logps'")
-            ref = tuple(inputs[f"ref_{g}_logps"].to(logps) for g in GROUPS)
+            missing = [f"ref_{g}_logps" for g in groups if f"ref_{g}_logps" not in inputs]
+            if missing:
+                raise SELMError(f"precompute_ref_log_probs: the batch has no {missing}")
+            ref = torch.stack([inputs[f"ref_{g}_logps"].to(logps) for g in groups])
         else:
             with torch.no_grad():
                 ref_model = self.ref_model if self.ref_model is not None else model
                 ref, _ = self._sequence_logps(ref_model, inputs, reference=True)
-            ref = ref.chunk(len(GROUPS))
-        ref_chosen, ref_rejected, ref_reference = (r.detach() for r in ref)
-
-        chosen_logratios = chosen_logps - ref_chosen
-        rejected_logratios = rejected_logps - ref_rejected
-        reference_logratios = reference_logps - ref_reference
-        dpo_losses = -F.logsigmoid(self.beta * (chosen_logratios - rejected_logratios))
-        optimism = self.alpha * self.beta * reference_logratios
-        loss = (dpo_losses + optimism).mean()
+            ref = ref.view(len(groups), -1)
+        logps, ref = logps.view(len(groups), -1), ref.detach()
+        logratios = logps - ref  # (groups, batch)
+        dpo_losses = -F.logsigmoid(self.beta * (logratios[0] - logratios[1]))
+        optimism = self.alpha * self.beta * logratios[2] if len(groups) == len(GROUPS) else None
+        loss = (dpo_losses if optimism is None else dpo_losses + optimism).mean()
         if self.aux_loss_enabled:
             loss = loss + self.router_aux_loss_coef * outputs.aux_loss
             self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(outputs.aux_loss).mean().item())
 
-        self._log_selm_metrics(mode, inputs, outputs, chosen_logratios, rejected_logratios, reference_logratios,
-                               dpo_losses, optimism, chosen_logps, rejected_logps, reference_logps, ref_reference)
+        self._log_selm_metrics(mode, inputs, outputs, logps, ref, logratios, dpo_losses, optimism)
         if return_outputs:  # trl's deprecated path: compute_metrics wants logits, which the fused head never builds
             with torch.no_grad():
                 outputs = model(**{k: v for k, v in inputs.items() if k not in NON_MODEL_KEYS})
             return loss, outputs
         return loss
 
-    def _log_selm_metrics(self, mode, inputs, outputs, chosen_lr, rejected_lr, reference_lr, dpo_losses, optimism,
-                          chosen_logps, rejected_logps, reference_logps, ref_reference):
-        """trl's DPO metrics (over chosen and rejected rows) plus the SELM terms."""
+    def _log_selm_metrics(self, mode, inputs, outputs, logps, ref, logratios, dpo_losses, optimism):
+        """trl's DPO metrics (over the chosen and rejected tokens), plus the SELM terms when there is a reference."""
         metrics, acc = self._metrics[mode], self.accelerator
-        n = chosen_logps.size(0)
-        mask = inputs["completion_mask"][:, 1:][: 2 * n].bool()
-        chosen_mask, rejected_mask = mask.chunk(2)
+        seq_len = inputs["completion_mask"].size(1) - 1
+        chosen, rejected = prefix_sharing.group_token_views(inputs, len(logps))[:2]
 
-        def ratio(values, m):  # token-weighted mean over all processes
-            total, count = acc.gather_for_metrics(values[m].float().sum().reshape(1)).sum(), acc.gather_for_metrics(
-                m.sum().reshape(1)).sum()
+        def token_mean(field, *views):  # token-weighted mean over all processes
+            values = getattr(outputs, field)[:, -seq_len:].detach()
+            total = sum(values[rows][mask].float().sum() for rows, mask in views)
+            count = sum(mask.sum() for _, mask in views)
+            total, count = (acc.gather_for_metrics(x.reshape(1)).sum() for x in (total, count))
             return (total / count).item() if count > 0 else 0.0
 
-        metrics["entropy"].append(ratio(outputs.entropy[: 2 * n].detach(), mask))
+        metrics["entropy"].append(token_mean("entropy", chosen, rejected))
         if mode == "train":
-            tokens = acc.gather_for_metrics(inputs["attention_mask"].sum().reshape(1)).sum().item()
-            self._total_train_tokens += tokens // self._tp_size
+            tokens = (prefix_sharing.unshared_token_count(inputs, len(logps)) if "segment_ids" in inputs
+                      else inputs["attention_mask"].sum())  # tokens of the unshared rows, as trl counts them
+            self._total_train_tokens += acc.gather_for_metrics(tokens.reshape(1)).sum().item() // self._tp_size
         metrics["num_tokens"] = [self._total_train_tokens]
-        mean_logits = outputs.mean_logits[: 2 * n].detach()
-        metrics["logits/chosen"].append(ratio(mean_logits[:n], chosen_mask))
-        metrics["logits/rejected"].append(ratio(mean_logits[n:], rejected_mask))
-        metrics["mean_token_accuracy"].append(ratio(outputs.is_top1[:n], chosen_mask))
+        metrics["logits/chosen"].append(token_mean("mean_logits", chosen))
+        metrics["logits/rejected"].append(token_mean("mean_logits", rejected))
+        metrics["mean_token_accuracy"].append(token_mean("is_top1", chosen))
 
-        chosen_rewards, rejected_rewards = self.beta * chosen_lr.detach(), self.beta * rejected_lr.detach()
+        rewards = self.beta * logratios.detach()
         per_example = {
-            "rewards/chosen": chosen_rewards,
-            "rewards/rejected": rejected_rewards,
-            "rewards/accuracies": (chosen_rewards > rejected_rewards).float(),
-            "rewards/margins": chosen_rewards - rejected_rewards,
-            "rewards/reference": self.beta * reference_lr.detach(),
-            "logps/chosen": chosen_logps.detach(),
-            "logps/rejected": rejected_logps.detach(),
-            "logps/reference": reference_logps.detach(),
-            "ref_logps/reference": ref_reference.detach(),
-            "loss/dpo": dpo_losses.detach(),
-            "loss/optimism": optimism.detach(),
+            "rewards/chosen": rewards[0],
+            "rewards/rejected": rewards[1],
+            "rewards/accuracies": (rewards[0] > rewards[1]).float(),
+            "rewards/margins": rewards[0] - rewards[1],
+            "logps/chosen": logps[0].detach(),
+            "logps/rejected": logps[1].detach(),
         }
+        if optimism is not None:
+            per_example.update({
+                "rewards/reference": rewards[2],
+                "logps/reference": logps[2].detach(),
+                "ref_logps/reference": ref[2],
+                "loss/dpo": dpo_losses.detach(),
+                "loss/optimism": optimism.detach(),
+            })
         for key, value in per_example.items():
             metrics[key].append(acc.gather(value.float()).mean().item())

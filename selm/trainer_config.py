@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 from trl import DPOConfig
 
 from selm.errors import SELMError
+from selm.prefix_sharing import parse_mode
 
 
 @dataclass
@@ -33,8 +34,20 @@ class SELMConfig(DPOConfig):
         },
     )
 
+    prefix_sharing: str = field(
+        default="false",
+        metadata={
+            "help": "Score each prompt once for all its completions: one packed row per example with a 4-D attention "
+            "mask (exact; README, Performance). 'true': always (needs attn_implementation sdpa or eager; refuses "
+            "flash_attention_2, truncation_mode keep_end, prompt-learning PEFT, an MoE auxiliary loss and "
+            "compute_metrics). 'auto': per batch, only when the estimated cost (tokens and attention area) is lower; "
+            "never where 'true' would refuse (so never with flash_attention_2). 'false': one row per completion.",
+        },
+    )
+
     def __post_init__(self):
         super().__post_init__()
+        self.prefix_sharing = parse_mode(self.prefix_sharing)
         if self.alpha < 0:
             raise SELMError(f"training config: 'alpha' is {self.alpha}; it must be >= 0 (0 is plain DPO)")
         if self.max_prompt_length is not None and self.max_prompt_length < 1:

@@ -192,7 +192,7 @@ def test_precompute_on_and_off_give_the_same_loss(tmp_path, models, tokenizer, r
     kw = dict(alpha=0.5, max_prompt_length=16, max_length=48, precompute_ref_batch_size=3)
     off = selm_trainer(models, tokenizer, dataset(rows), config(tmp_path / "off", **kw))
     on = selm_trainer(models, tokenizer, dataset(rows), config(tmp_path / "on", precompute_ref_log_probs=True, **kw))
-    assert on.ref_model is None and off.ref_model is not None  # the reference left memory after the precompute
+    assert on.ref_model is not None  # passed explicitly, so kept (as DPOTrainer does): evaluate() may need it
     assert {"ref_chosen_logps", "ref_rejected_logps", "ref_reference_logps"} <= set(on.train_dataset.column_names)
     # Rows in an order unlike the precompute's length order, so a mis-scattered cache would show.
     indices = [5, 0, 7, 2, 3]
@@ -234,3 +234,30 @@ def test_config_rejects_negative_alpha_and_empty_prompt(tmp_path):
         config(tmp_path, alpha=-0.001)
     with pytest.raises(SELMError, match="'max_prompt_length'"):
         config(tmp_path, max_prompt_length=0)
+
+
+def test_non_finite_gradient_is_not_applied(tmp_path, models, tokenizer, rows):
+    """A NaN gradient with a finite loss (fp16 weights at a high learning rate, say) never reaches the weights."""
+    from transformers import TrainerCallback
+
+    class PoisonGradient(TrainerCallback):
+        def on_step_begin(self, args, state, control, model=None, **kw):
+            if state.global_step == 2:  # step 3's backward gives one weight a NaN gradient
+                model.model.layers[0].mlp.up_proj.weight.register_hook(lambda grad: grad * float("nan"))
+
+    args = config(tmp_path, alpha=0.1, max_steps=4, per_device_train_batch_size=2, save_strategy="steps",
+                  save_steps=1, learning_rate=1e-3, max_grad_norm=0.0)
+    trainer = selm_trainer(models, tokenizer, dataset(rows), args)
+    trainer.add_callback(PoisonGradient())
+    with pytest.raises(SELMError, match="at step 3") as err:
+        trainer.train()
+    message = str(err.value)
+    assert "gradient norm is nan" in message and "not applied" in message and "\n" not in message
+    assert str(tmp_path / "out") in message and "checkpoint-2" in message
+    from transformers import AutoModelForCausalLM
+
+    saved = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "checkpoint-2")
+    for name, param in trainer.model.named_parameters():
+        assert torch.isfinite(param).all(), name
+        assert torch.equal(param, saved.get_parameter(name)), name  # the weights are still those after step 2
+    assert not (tmp_path / "out" / "checkpoint-3").exists()
