@@ -208,7 +208,7 @@ def calibrate(opts):
     tokenizer, policy, _ = build_models(opts)
     args = SELMConfig(output_dir=opts.output_dir, bf16=False, use_cpu=not torch.cuda.is_available(), report_to="none",
                       gradient_checkpointing=False, alpha=0.001, precompute_ref_log_probs=True, max_length=None)
-    dummy = datasets.Dataset.from_list([{"prompt": "a", "chosen": "b", "rejected": "c", "reference_response": "d"}])
+    dummy = datasets.Dataset.from_list(build_rows(opts, 1.0)[:1])  # the timed batches are built below
     trainer = SELMTrainer(policy, args=args, train_dataset=dummy, processing_class=tokenizer)
     trainer.model.train()
     rng, factors = random.Random(0), (0.0, 0.5, 1.0, 2.0, 4.0)

@@ -261,3 +261,74 @@ def test_non_finite_gradient_is_not_applied(tmp_path, models, tokenizer, rows):
         assert torch.isfinite(param).all(), name
         assert torch.equal(param, saved.get_parameter(name)), name  # the weights are still those after step 2
     assert not (tmp_path / "out" / "checkpoint-3").exists()
+
+
+NAN_GRADIENT_RUN = '''
+import os, sys, torch, datasets
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+from selm.data import to_trainer_format
+from selm.errors import SELMError
+from selm.tiny import fixture_rows
+from selm.trainer import SELMTrainer
+from selm.trainer_config import SELMConfig
+
+model_dir, out = sys.argv[1], sys.argv[2]
+rows = fixture_rows(16)
+for i, row in enumerate(rows):
+    row["reference_response"] = f"The answer is {i}."
+args = SELMConfig(output_dir=out, alpha=0.1, bf16=False, use_cpu=True, gradient_checkpointing=False, max_steps=4,
+                  per_device_train_batch_size=2, save_strategy="steps", save_steps=1, learning_rate=1e-3,
+                  report_to="none", disable_tqdm=True, precompute_ref_log_probs=True, ddp_backend="gloo")
+
+
+class NaNGradient(TrainerCallback):
+    """From step 3 on, rank 0's first MLP output has an infinite gradient (its forward value is unchanged)."""
+
+    def on_step_begin(self, args, state, control, **kw):
+        if state.global_step == 2 and trainer.accelerator.process_index == 0:
+            mlp = trainer.accelerator.unwrap_model(trainer.model).model.layers[0].mlp
+            mlp.register_forward_hook(lambda module, inputs, out: out + torch.sqrt(out - out.detach()))
+
+
+trainer = SELMTrainer(AutoModelForCausalLM.from_pretrained(model_dir), args=args, train_dataset=datasets.Dataset.from_list(
+    [to_trainer_format(r) for r in rows]), processing_class=AutoTokenizer.from_pretrained(model_dir),
+    callbacks=[NaNGradient()])
+try:
+    trainer.train()
+except SELMError as e:
+    rank = trainer.accelerator.process_index
+    if not trainer.is_deepspeed_enabled:  # DDP: every rank holds the weights; they are still those of step 2
+        saved = AutoModelForCausalLM.from_pretrained(os.path.join(out, "checkpoint-2"))
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        unchanged = all(torch.equal(p, saved.get_parameter(n)) for n, p in model.named_parameters())
+        print(f"rank {rank}: weights unchanged: {unchanged}")
+    print(f"rank {rank} stopped: {e}", flush=True)
+    sys.exit(3)
+'''
+
+
+@pytest.mark.parametrize("launcher", ["ddp", "zero3"])
+def test_non_finite_gradient_on_one_rank_stops_every_process(launcher, tmp_path, tiny_model_dir):
+    """DDP reduces the gradients and DeepSpeed the norm before the check, so all ranks stop at the same step (no
+    hang); DDP's weights stay those of step 2; ZeRO-3 reports DeepSpeed's skipped step (norm set to inf)."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    script = tmp_path / "run.py"
+    script.write_text(NAN_GRADIENT_RUN)
+    launch = (["-m", "torch.distributed.run", "--nproc_per_node", "2"] if launcher == "ddp" else
+              ["-m", "accelerate.commands.launch", "--config_file", str(REPO / "recipes/accelerate_configs/cpu_zero3.yaml"),
+               "--num_processes", "2"])
+    out = tmp_path / "out"
+    result = subprocess.run([sys.executable, *launch, str(script), str(tiny_model_dir), str(out)], cwd=REPO,
+                            env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=300)
+    stops = [line for line in result.stdout.splitlines() if " stopped: training stopped at step 3 " in line]
+    assert sorted(line.split(" stopped")[0] for line in stops) == ["rank 0", "rank 1"], result.stderr[-3000:]
+    assert result.returncode != 0 and (out / "checkpoint-2").is_dir() and not (out / "checkpoint-3").exists()
+    if launcher == "ddp":
+        assert result.stdout.count("weights unchanged: True") == 2
+    else:
+        assert all("the gradient norm is inf" in line for line in stops)
