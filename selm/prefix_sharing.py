@@ -41,7 +41,7 @@ def parse_mode(value) -> str:
 
 def check_attention(attn_implementation, mode, source="training config") -> None:
     """prefix_sharing: true with an attention kernel that cannot take the 4-D mask is an error (used at --dry_run)."""
-    if parse_mode(mode) == "true" and attn_implementation is not None and attn_implementation not in SHAREABLE_ATTENTION:
+    if parse_mode(mode) == "true" and attn_implementation not in (None, *SHAREABLE_ATTENTION):
         raise SELMError(f"{source}: prefix_sharing: true cannot run with attn_implementation '{attn_implementation}' "
                         "(its kernel cannot express a shared prefix); set attn_implementation: sdpa, or "
                         "prefix_sharing: auto/false")
@@ -56,7 +56,8 @@ def area_weight(config) -> float:
     head_dim = getattr(text, "head_dim", None) or hidden // heads
     intermediate = getattr(text, "intermediate_size", None) or 4 * hidden
     # Multiply-adds per token: q/o and k/v projections, a gated MLP, the LM head; per pair: QK^T and AV of every head.
-    per_token = layers * (hidden * head_dim * 2 * (heads + kv_heads) + 3 * hidden * intermediate) + hidden * text.vocab_size
+    per_layer = hidden * head_dim * 2 * (heads + kv_heads) + 3 * hidden * intermediate
+    per_token = layers * per_layer + hidden * text.vocab_size
     per_pair = layers * 2 * heads * head_dim
     return ATTENTION_COST_FACTOR * per_pair / per_token
 
@@ -133,8 +134,8 @@ def attention_mask(segment_ids, position_ids, attn_implementation, dtype, window
         return {kind: attention_mask(segment_ids, position_ids, attn_implementation, dtype, w)
                 for kind, w in windows.items()}
     if attn_implementation not in SHAREABLE_ATTENTION:
-        raise SELMError(f"prefix sharing needs attn_implementation sdpa or eager, the model has '{attn_implementation}'; "
-                        "load it with attn_implementation: sdpa, or set prefix_sharing: false")
+        raise SELMError(f"prefix sharing needs attn_implementation sdpa or eager, the model has "
+                        f"'{attn_implementation}'; load it with attn_implementation: sdpa, or set prefix_sharing: false")
     length = segment_ids.size(1)
     index = torch.arange(length, device=segment_ids.device)
     query, key = segment_ids[:, :, None], segment_ids[:, None, :]

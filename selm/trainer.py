@@ -260,7 +260,8 @@ class SELMTrainer(DPOTrainer):
              "router_aux_loss_coef: 0"),
             (kwargs.get("compute_metrics") is not None, "cannot return the unshared logits compute_metrics needs "
              "(the return_outputs path)"),
-            (isinstance(processing_class, ProcessorMixin), "supports text-only causal LMs, not processor-backed models"),
+            (isinstance(processing_class, ProcessorMixin),
+             "supports text-only causal LMs, not processor-backed models"),
         ]
         try:
             prefix_sharing.layer_windows(config)

@@ -108,7 +108,8 @@ def test_packed_loss_gradients_and_metrics_equal_unshared(case, tmp_path, tokeni
         assert metrics_p[key] == pytest.approx(metrics_u[key], abs=1e-5), key
 
     if kind != "llama":  # the window binds: without it in the mask the packed rows would score differently
-        trainer = trainer_for(policy, reference, tokenizer, dataset, config(tmp_path / "nowindow", prefix_sharing="true"))
+        args = config(tmp_path / "nowindow", prefix_sharing="true")
+        trainer = trainer_for(policy, reference, tokenizer, dataset, args)
         for m in (trainer.model, trainer.ref_model):
             m.config.sliding_window = None
         without, _, _ = loss_grads_metrics(trainer, packed)
@@ -203,7 +204,8 @@ def test_true_refuses_and_auto_does_not_pack(case, tmp_path, tokenizer, dataset)
     with pytest.raises(SELMError, match="prefix_sharing: true") as error:
         trainer_for(policy, None, tokenizer, dataset, config(tmp_path, prefix_sharing="true", **extra), **kwargs)
     assert words in str(error.value) and "\n" not in str(error.value)
-    trainer = trainer_for(policy, policy, tokenizer, dataset, config(tmp_path, prefix_sharing="auto", **extra), **kwargs)
+    args = config(tmp_path, prefix_sharing="auto", **extra)
+    trainer = trainer_for(policy, policy, tokenizer, dataset, args, **kwargs)
     assert trainer.data_collator.prefix_sharing == "false"
     assert "segment_ids" not in trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
 
@@ -216,7 +218,8 @@ def test_prompt_learning_peft_is_refused(tmp_path, tokenizer, dataset):
     prefix_tuning = types.SimpleNamespace(is_prompt_learning=True)
     policy = causal_lm("llama", tokenizer, 0)
     with pytest.raises(SELMError, match="prompt-learning PEFT"):
-        trainer_for(policy, None, tokenizer, dataset, config(tmp_path, prefix_sharing="true"), peft_config=prefix_tuning)
+        trainer_for(policy, None, tokenizer, dataset, config(tmp_path, prefix_sharing="true"),
+                    peft_config=prefix_tuning)
     mode, _ = SELMTrainer._prefix_sharing_mode(policy, None, config(tmp_path, prefix_sharing="auto"), tokenizer,
                                                {"peft_config": prefix_tuning})
     assert mode == "false"

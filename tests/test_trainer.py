@@ -54,7 +54,7 @@ def config(tmp_path, **kw):
 
     values = dict(output_dir=str(tmp_path / "out"), beta=0.1, bf16=False, use_cpu=True, gradient_checkpointing=False,
                   per_device_train_batch_size=ROWS, report_to="none", max_length=64, seed=0, save_strategy="no",
-                  disable_tqdm=True)
+                  disable_tqdm=True, prefix_sharing="false")  # packed rows: the same tests in test_prefix_sharing.py
     values.update(kw)
     return SELMConfig(**values)
 
@@ -133,13 +133,15 @@ def test_alpha_zero_equals_dpo_trainer(tmp_path, models, tokenizer, rows):
     assert selm._metrics["train"]["loss/optimism"][-1] == 0.0
 
 
-def test_alpha_positive_equals_independent_formula(tmp_path, models, tokenizer, rows):
+@pytest.mark.parametrize("prefix_sharing", ["false", "true"])
+def test_alpha_positive_equals_independent_formula(prefix_sharing, tmp_path, models, tokenizer, rows):
     alpha, beta, max_prompt_length, max_length = 0.7, 0.3, 12, 40
     trainer = selm_trainer(models, tokenizer, dataset(rows),
                            config(tmp_path, alpha=alpha, beta=beta, max_prompt_length=max_prompt_length,
-                                  max_length=max_length))
+                                  max_length=max_length, prefix_sharing=prefix_sharing))
     batch = batch_of(trainer)
-    assert batch["input_ids"].shape[1] <= max_length
+    assert ("segment_ids" in batch) == (prefix_sharing == "true")
+    assert batch["input_ids"].shape[1] <= (3 if prefix_sharing == "true" else 1) * max_length
     trainer.model.train()
     trainer.model.zero_grad()
     loss = trainer.compute_loss(trainer.model, batch)
@@ -290,9 +292,9 @@ class NaNGradient(TrainerCallback):
             mlp.register_forward_hook(lambda module, inputs, out: out + torch.sqrt(out - out.detach()))
 
 
-trainer = SELMTrainer(AutoModelForCausalLM.from_pretrained(model_dir), args=args, train_dataset=datasets.Dataset.from_list(
-    [to_trainer_format(r) for r in rows]), processing_class=AutoTokenizer.from_pretrained(model_dir),
-    callbacks=[NaNGradient()])
+data = datasets.Dataset.from_list([to_trainer_format(r) for r in rows])
+trainer = SELMTrainer(AutoModelForCausalLM.from_pretrained(model_dir), args=args, train_dataset=data,
+                      processing_class=AutoTokenizer.from_pretrained(model_dir), callbacks=[NaNGradient()])
 try:
     trainer.train()
 except SELMError as e:
@@ -319,9 +321,9 @@ def test_non_finite_gradient_on_one_rank_stops_every_process(launcher, tmp_path,
 
     script = tmp_path / "run.py"
     script.write_text(NAN_GRADIENT_RUN)
+    zero3 = str(REPO / "recipes/accelerate_configs/cpu_zero3.yaml")
     launch = (["-m", "torch.distributed.run", "--nproc_per_node", "2"] if launcher == "ddp" else
-              ["-m", "accelerate.commands.launch", "--config_file", str(REPO / "recipes/accelerate_configs/cpu_zero3.yaml"),
-               "--num_processes", "2"])
+              ["-m", "accelerate.commands.launch", "--config_file", zero3, "--num_processes", "2"])
     out = tmp_path / "out"
     result = subprocess.run([sys.executable, *launch, str(script), str(tiny_model_dir), str(out)], cwd=REPO,
                             env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=300)
