@@ -6,7 +6,8 @@
 #   make zephyr-selm ITER=3         the paper's Zephyr recipe on a GPU node (NUM_GPUS=8)
 #   make run RECIPE=path.yaml ITER=2 RUN_DIR=runs/x ARGS="--beta 0.05"
 #   make sweep SWEEP=recipes/sweeps/zephyr-alpha.yaml
-#   make -n zephyr-selm ITER=3      print the plan without running it
+#   make compare RUNS="runs/a runs/b" [ITER=K] [OUT=dir]   held-out metrics and figures of several runs
+#   make -n zephyr-selm ITER=3      print the plan without running it (writes nothing)
 
 SHELL := /bin/bash
 VENV ?= .venv
@@ -20,7 +21,8 @@ ACCELERATE := $(VENV)/bin/accelerate launch --config_file recipes/accelerate_con
 export HF_HUB_ENABLE_HF_TRANSFER ?= 0
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: help install install-gpu demo smoke smoke-dpo test zephyr-selm zephyr-dpo llama3-selm llama3-dpo run sweep tiny clean-smoke
+.PHONY: help install install-gpu demo smoke smoke-dpo test zephyr-selm zephyr-dpo llama3-selm llama3-dpo run sweep \
+	compare tiny clean-smoke
 
 help:
 	@sed -n '1,12p' Makefile
@@ -45,10 +47,10 @@ install-gpu:
 build/tiny-llama/config.json: | $(VENV)/.installed
 	$(PY) scripts/build_tiny_model.py build/tiny-llama
 
-build/fixture.jsonl: | $(VENV)/.installed
-	$(PY) scripts/make_fixture.py $@
+build/fixture/train_prefs.jsonl: | $(VENV)/.installed
+	$(PY) scripts/make_fixture.py build/fixture
 
-tiny: build/tiny-llama/config.json build/fixture.jsonl
+tiny: build/tiny-llama/config.json build/fixture/train_prefs.jsonl
 
 # ---------------------------------------------------------------- quick start
 test: $(VENV)/.installed
@@ -57,14 +59,13 @@ test: $(VENV)/.installed
 # The tiny model runs faster on one thread than on two (thread sync costs more than its matmuls).
 demo smoke smoke-dpo: export OMP_NUM_THREADS ?= 1
 
-demo: tiny
-	$(MAKE) --no-print-directory run RECIPE=recipes/smoke/selm.yaml RUN_DIR=$(RUN_ROOT)/smoke-selm ITER=2 LAUNCH="$(PY)"
-	$(PY) scripts/summarize.py $(RUN_ROOT)/smoke-selm
+demo: smoke
 
-smoke: demo
+smoke: tiny
+	$(MAKE) --no-print-directory run RECIPE=recipes/smoke/selm.yaml RUN_DIR=$(or $(RUN_DIR),$(RUN_ROOT)/smoke-selm) LAUNCH="$(PY)"
 
 smoke-dpo: tiny
-	$(MAKE) --no-print-directory run RECIPE=recipes/smoke/dpo.yaml RUN_DIR=$(RUN_ROOT)/smoke-dpo ITER=2 LAUNCH="$(PY)"
+	$(MAKE) --no-print-directory run RECIPE=recipes/smoke/dpo.yaml RUN_DIR=$(or $(RUN_DIR),$(RUN_ROOT)/smoke-dpo) LAUNCH="$(PY)"
 
 clean-smoke:
 	rm -rf $(RUN_ROOT)/smoke-selm $(RUN_ROOT)/smoke-dpo
@@ -90,12 +91,18 @@ ifeq ($(MAKECMDGOALS),run)
 include pipeline.mk
 endif
 
-# ---------------------------------------------------------------- grid searches
-# Expands the sweep into one run directory per combination, runs them one after another, then writes the table.
+# ---------------------------------------------------------------- grid searches and comparisons
+# Checks every combination first (writing nothing), runs one `make run` per combination (each freezes its own
+# run directory, so the sweep resumes like a run), then writes the table ranked by the held-out metric.
 sweep: $(VENV)/.installed
 	@test -n "$(SWEEP)" || { echo "error: make sweep needs SWEEP=path/to/sweep.yaml" >&2; exit 2; }
 	@runs=$$($(PY) scripts/sweep.py expand $(SWEEP)) || exit $$?; \
-	while read -r recipe run_dir; do \
-	  $(MAKE) --no-print-directory run RECIPE=$$recipe RUN_DIR=$$run_dir LAUNCH="$(or $(LAUNCH),$(ACCELERATE))" $(if $(LAUNCH),,GPUS=$(NUM_GPUS)) || exit $$?; \
+	while read -r recipe run_dir combo; do \
+	  $(MAKE) --no-print-directory run RECIPE=$$recipe RUN_DIR=$$run_dir ARGS="$$combo $(ARGS)" LAUNCH="$(or $(LAUNCH),$(ACCELERATE))" $(if $(LAUNCH),,GPUS=$(NUM_GPUS)) || exit $$?; \
 	done <<< "$$runs"
 	$(PY) scripts/sweep.py table $(SWEEP)
+
+# Held-out metrics of several runs side by side, their reward distributions and the paper's Fig. 4 (first two runs).
+compare: $(VENV)/.installed
+	@test -n "$(RUNS)" || { echo "error: make compare needs RUNS=\"RUN_DIR_A RUN_DIR_B ...\"" >&2; exit 2; }
+	$(PY) scripts/compare_runs.py $(RUNS) --output_dir $(or $(OUT),$(RUN_ROOT)/comparison) $(if $(ITER),--iteration $(ITER))

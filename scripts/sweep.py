@@ -1,6 +1,6 @@
 """Grid searches over recipe keys (see selm/sweep.py for the sweep file).
 
-    python scripts/sweep.py expand SWEEP.yaml   # freeze one run dir per combination; prints "RECIPE RUN_DIR" lines
+    python scripts/sweep.py expand SWEEP.yaml   # check every combination; prints "RECIPE RUN_DIR --key value ..." lines
     python scripts/sweep.py table SWEEP.yaml    # the results table, also written to output_root/sweep_table.{md,csv}
 
 `make sweep SWEEP=SWEEP.yaml` does both and runs every combination in between.
@@ -19,8 +19,8 @@ def main(argv=None):
         print(__doc__, file=sys.stderr)
         sys.exit(2)
     if argv[0] == "expand":
-        for frozen, run_dir in expand(argv[1]):
-            print(frozen, run_dir)
+        for recipe, run_dir, args in expand(argv[1]):
+            print(recipe, run_dir, *args)
     else:
         print(table(argv[1]), end="")
 

@@ -17,6 +17,7 @@ import sys
 from contextlib import nullcontext
 
 from selm.configs import main_guard, parse_recipe
+from selm.models import load_model
 from selm.errors import SELMError
 
 REFERENCE = "reference_response"
@@ -40,20 +41,6 @@ def load_training_data(recipe, alpha: float):
         # Iterative DPO: y_ref plays no part in the loss, so it is not tokenized or scored (a 1.5x cheaper step).
         dataset = dataset.remove_columns([c for c in dataset.column_names if c == REFERENCE])
     return dataset.map(to_trainer_format, remove_columns=dataset.column_names, desc="Trainer format")
-
-
-def load_model(path, model_args, trust_remote_code: bool):
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    dtype = model_args.dtype
-    if dtype not in (None, "auto"):
-        dtype = getattr(torch, dtype)
-    return AutoModelForCausalLM.from_pretrained(
-        path, dtype=dtype, attn_implementation=model_args.attn_implementation,
-        trust_remote_code=trust_remote_code,
-        revision=model_args.model_revision if path == model_args.model_name_or_path else None,
-    )
 
 
 def last_complete_checkpoint(checkpoints_dir) -> str | None:

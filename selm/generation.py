@@ -359,6 +359,59 @@ def _check_signature(shard_dir: Path, signature: dict) -> None:
         write_text(path, json.dumps(signature, indent=1))
 
 
+def generate_in_shards(model_path: str, settings, conversations: list[list[dict]], names: list[str], shard_dir: Path,
+                       signature: dict, generator_kwargs: dict) -> list[list[str]]:
+    """num_responses responses per conversation, resumable: shards of generation_shard_size prompts are written
+    atomically to `shard_dir` as they finish and a rerun skips the finished ones (`signature` must then match).
+
+    Every prompt is encoded and length-checked before anything is written. With the vllm backend and
+    data_parallel_size > 1 the pending shards are spread over one process per replica. The caller removes
+    `shard_dir` once it has written its own output.
+    """
+    import pyarrow.parquet as pq
+
+    size = settings.generation_shard_size
+    if size < 1:
+        raise SELMError(f"generation_shard_size must be at least 1, got {size}")
+    with Generator(model_path, settings, **generator_kwargs) as gen:
+        encoded = gen.encode(conversations)  # once: the length check and every shard use these ids
+        gen.check_lengths(encoded, names)  # every prompt, before anything is written
+        shards = [(k, start, encoded[start:start + size], names[start:start + size])
+                  for k, start in enumerate(range(0, len(names), size))]
+        pending = [s for s in shards if not _shard_path(shard_dir, s[0]).exists()]
+        shard_dir.mkdir(parents=True, exist_ok=True)
+        _check_signature(shard_dir, signature)
+        if pending and len(pending) < len(shards):
+            print(f"generate: resuming, {len(shards) - len(pending)} of {len(shards)} shards already in {shard_dir}")
+        start = time.perf_counter()
+        if settings.generation_backend == "vllm" and settings.data_parallel_size > 1 and len(pending) > 1:
+            from selm.parallel import run_sharded
+
+            run_sharded(_shard_worker, pending, min(settings.data_parallel_size, len(pending)),
+                        devices_per_worker=settings.tensor_parallel_size, model_path=model_path,
+                        settings=settings, shard_dir=str(shard_dir), **generator_kwargs)
+        else:
+            _write_shards(gen, pending, shard_dir)
+    if pending:
+        print(f"generate: {sum(len(s[3]) for s in pending)} prompts in {time.perf_counter() - start:.1f} s")
+
+    responses = []
+    for k, _, _, shard_names in shards:
+        shard = pq.read_table(_shard_path(shard_dir, k)).to_pydict()
+        if shard["prompt_id"] != shard_names:
+            raise SELMError(f"{_shard_path(shard_dir, k)}: its prompt_ids do not match this run's prompts; delete "
+                            f"{shard_dir} to start over")
+        responses += shard["responses"]
+    return responses
+
+
+def generator_kwargs(recipe, engine_kwargs: dict | None = None, progress: bool = True) -> dict:
+    """`Generator` keyword arguments from a recipe's model settings."""
+    return dict(dtype=recipe.model.dtype, attn_implementation=recipe.model.attn_implementation,
+                trust_remote_code=bool(recipe.training.get("trust_remote_code", False)),
+                engine_kwargs=engine_kwargs, progress=progress)
+
+
 def generate_stage(recipe, engine_kwargs: dict | None = None, progress: bool = True) -> Path:
     """Write iter-K/generated.parquet: the portion's columns + reference_response + responses.
 
@@ -390,46 +443,11 @@ def generate_stage(recipe, engine_kwargs: dict | None = None, progress: bool = T
         raise SELMError(f"{portion_path}: zero rows, nothing to generate")
     rows = table.select(["prompt_id", "chosen"]).to_pylist()
     names = [r["prompt_id"] for r in rows]
-    conversations = [prompt_messages(r) for r in rows]
-
-    size = settings.generation_shard_size
-    if size < 1:
-        raise SELMError(f"generation_shard_size must be at least 1, got {size}")
     shard_dir = out.parent / "generated.shards"
     signature = {"model": model_path, "rows": len(rows), "first_prompt_id": names[0], "last_prompt_id": names[-1],
                  **{k: getattr(settings, k) for k in SIGNATURE_KEYS}}
-    kwargs = dict(dtype=recipe.model.dtype, attn_implementation=recipe.model.attn_implementation,
-                  trust_remote_code=bool(recipe.training.get("trust_remote_code", False)),
-                  engine_kwargs=engine_kwargs, progress=progress)
-    with Generator(model_path, settings, **kwargs) as gen:
-        encoded = gen.encode(conversations)  # once: the length check and every shard use these ids
-        gen.check_lengths(encoded, names)  # every prompt, before anything is written
-        shards = [(k, start, encoded[start:start + size], names[start:start + size])
-                  for k, start in enumerate(range(0, len(rows), size))]
-        pending = [s for s in shards if not _shard_path(shard_dir, s[0]).exists()]
-        shard_dir.mkdir(parents=True, exist_ok=True)
-        _check_signature(shard_dir, signature)
-        if pending and len(pending) < len(shards):
-            print(f"generate: resuming, {len(shards) - len(pending)} of {len(shards)} shards already in {shard_dir}")
-        start = time.perf_counter()
-        if settings.generation_backend == "vllm" and settings.data_parallel_size > 1 and len(pending) > 1:
-            from selm.parallel import run_sharded
-
-            run_sharded(_shard_worker, pending, min(settings.data_parallel_size, len(pending)),
-                        devices_per_worker=settings.tensor_parallel_size, model_path=model_path,
-                        settings=settings, shard_dir=str(shard_dir), **kwargs)
-        else:
-            _write_shards(gen, pending, shard_dir)
-    if pending:
-        print(f"generate: {sum(len(s[3]) for s in pending)} prompts in {time.perf_counter() - start:.1f} s")
-
-    responses = []
-    for k, _, _, shard_names in shards:
-        shard = pq.read_table(_shard_path(shard_dir, k)).to_pydict()
-        if shard["prompt_id"] != shard_names:
-            raise SELMError(f"{_shard_path(shard_dir, k)}: its prompt_ids do not match {portion_path}; delete "
-                            f"{shard_dir} to start over")
-        responses += shard["responses"]
+    responses = generate_in_shards(model_path, settings, [prompt_messages(r) for r in rows], names, shard_dir,
+                                   signature, generator_kwargs(recipe, engine_kwargs, progress))
     table = table.append_column("reference_response", pa.array([r[0] for r in responses], pa.string()))
     table = table.append_column("responses", pa.array(responses, pa.list_(pa.string())))
     write_parquet(table, out, metadata={

@@ -46,17 +46,44 @@ def iteration_summary(k: int, d: Path) -> dict:
     return out
 
 
+def held_out(run_dir: Path) -> list[dict]:
+    """The held-out evaluations of a run, base first, then by iteration: [{iteration, dir, metrics}, ...]."""
+    from selm.evaluation import read_metrics
+
+    found = [("base", run_dir / "base" / "eval")] + [(k, d / "eval") for k, d in _iteration_dirs(run_dir)]
+    return [{"iteration": k, "dir": str(d), "metrics": m} for k, d in found if (m := read_metrics(d)) is not None]
+
+
 def summarize_run(run_dir) -> dict:
-    """Write summary.json, summary.md and (with matplotlib) summary.png into the run directory; return the summary."""
+    """Write summary.json, summary.md and the PNGs (summary.png; eval_metric.png and eval_rewards.png when the run
+    was evaluated) into the run directory; return the summary."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise SELMError(f"run directory not found: {run_dir}")
     iterations = [iteration_summary(k, d) for k, d in _iteration_dirs(run_dir)]
-    summary = {"run_dir": str(run_dir), "iterations": iterations}
+    evaluations = held_out(run_dir)
+    summary = {"run_dir": str(run_dir), "held_out": [{"iteration": e["iteration"], **_metric_row(e["metrics"])}
+                                                     for e in evaluations], "iterations": iterations}
     write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
     write_text(run_dir / "summary.md", to_markdown(summary))
     _plot(run_dir, iterations)
+    if evaluations:
+        from selm.plots import plot_metric_per_iteration, plot_reward_distributions
+
+        name = run_dir.name
+        plot_metric_per_iteration({name: evaluations}, run_dir / "eval_metric.png",
+                                  title=f"Held-out metric per iteration: {name}")
+        plot_reward_distributions({"base model" if e["iteration"] == "base" else f"iteration {e['iteration']}": e["dir"]
+                                   for e in evaluations},
+                                  run_dir / "eval_rewards.png", xlabel=evaluations[0]["metrics"]["reward"],
+                                  title=f"Held-out reward distribution per iteration: {name}")
     return summary
+
+
+def _metric_row(metrics: dict) -> dict:
+    """The few numbers of an evaluation that tables show."""
+    return {k: metrics.get(k) for k in ("metric", "mean", "sem", "win_rate", "num_prompts", "empty_answers",
+                                        "mean_answer_tokens", "model")}
 
 
 def _fmt(value, digits=3):
@@ -65,8 +92,21 @@ def _fmt(value, digits=3):
     return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
 
+def held_out_markdown(rows: list[dict]) -> list[str]:
+    """The held-out table: one line per evaluated iteration, base first."""
+    if not rows:
+        return []
+    lines = [f"Held-out evaluation ({rows[0]['metric']}; win rate against the reference answer, ties half):", "",
+             "| iter | mean ± s.e. | win rate | prompts | empty answers | mean answer tokens |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['iteration']} | {r['mean']:.4f} ± {r['sem']:.4f} | {r['win_rate']:.3f} | {r['num_prompts']} "
+                     f"| {r['empty_answers']} | {r['mean_answer_tokens']:.1f} |")
+    return lines + [""]
+
+
 def to_markdown(summary: dict) -> str:
-    lines = [f"# {summary['run_dir']}", "",
+    lines = [f"# {summary['run_dir']}", ""] + held_out_markdown(summary.get("held_out", [])) + [
              "| iter | portion | generated | ranked | generated chosen | generated rejected | mean score gen / chosen / rejected | train steps | last loss | model |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for it in summary["iterations"]:

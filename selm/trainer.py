@@ -393,3 +393,18 @@ class SELMTrainer(DPOTrainer):
         }
         for key, value in per_example.items():
             metrics[key].append(acc.gather(value.float()).mean().item())
+
+
+def completion_logps(model, tokenizer, dataset, args):
+    """Token-summed log-probs of every row's completions under `model`, computed exactly as in training.
+
+    The trainer's own reference pass does it: `precompute_ref_log_probs` with the model itself as the reference.
+    Returns the prepared dataset with `ref_chosen_logps`, `ref_rejected_logps` (and `ref_reference_logps` when the
+    rows have a `reference_response`) columns; other columns (e.g. `prompt_id`) are kept to pair rows back, since
+    rows the trainer's length rules drop are absent.
+    """
+    import dataclasses
+
+    args = dataclasses.replace(args, precompute_ref_log_probs=True)
+    trainer = SELMTrainer(model, ref_model=None, args=args, train_dataset=dataset, processing_class=tokenizer)
+    return trainer.train_dataset

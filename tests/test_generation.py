@@ -40,36 +40,6 @@ def leftovers(directory: Path) -> list[str]:
     return [str(p) for p in directory.rglob(".*")]
 
 
-@pytest.fixture(scope="module")
-def varied_model_dir(tmp_path_factory):
-    """The tiny Llama with an untied, larger-scale output layer, so greedy output depends on the prompt.
-
-    The session's tiny model (tied embeddings, small init) greedily repeats the last prompt token for every
-    prompt; order and agreement checks need outputs that differ between prompts, with clear top-1 margins.
-    """
-    import torch
-    from transformers import LlamaForCausalLM
-
-    from selm.tiny import build_model, build_tokenizer
-
-    tokenizer = build_tokenizer()
-    base = build_model(tokenizer, seed=1)
-    config = base.config
-    config.tie_word_embeddings = False
-    torch.manual_seed(1)
-    model = LlamaForCausalLM(config)
-    with torch.no_grad():
-        model.lm_head.weight.normal_(0, 3.0)
-        for layer in model.model.layers:
-            layer.self_attn.q_proj.weight.mul_(4)
-            layer.self_attn.k_proj.weight.mul_(4)
-    model.generation_config = base.generation_config
-    path = tmp_path_factory.mktemp("models") / "varied-llama"
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
 def settings(**kw):
     from selm.configs import GenerationArguments
 

@@ -30,24 +30,6 @@ from conftest import REPO
 
 
 @pytest.fixture(scope="session")
-def tiny_pairrm_dir(tmp_path_factory):
-    from selm.tiny_ranker import save_tiny_pairrm
-
-    path = tmp_path_factory.mktemp("rankers") / "tiny-pairrm"
-    save_tiny_pairrm(path)
-    return path
-
-
-@pytest.fixture(scope="session")
-def tiny_rm_dir(tmp_path_factory):
-    from selm.tiny_ranker import save_tiny_reward_model
-
-    path = tmp_path_factory.mktemp("rankers") / "tiny-rm"
-    save_tiny_reward_model(path)
-    return path
-
-
-@pytest.fixture(scope="session")
 def blender(tiny_pairrm_dir):
     from selm.compat.llm_blender import load_pairrm
 
