@@ -88,13 +88,7 @@ class Generator:
 
         if settings.generation_backend not in ("hf", "vllm"):
             raise SELMError(f"generation_backend is {settings.generation_backend!r}; expected 'hf' or 'vllm'")
-        if settings.num_responses < 1:
-            raise SELMError(f"num_responses must be at least 1, got {settings.num_responses}")
-        if settings.num_responses > 1 and settings.temperature <= 0:
-            raise SELMError(f"num_responses {settings.num_responses} with temperature {settings.temperature}: greedy "
-                            "decoding gives identical responses; set temperature > 0")
-        if settings.max_new_tokens < 1:
-            raise SELMError(f"max_new_tokens must be at least 1, got {settings.max_new_tokens}")
+        # the sampling settings were checked when GenerationArguments was built (selm.configs.LIMITS)
         check_model_path(model_path)
         self.model_path, self.settings = str(model_path), settings
         self.dtype = None if dtype in (None, "auto") else str(dtype)
@@ -393,8 +387,6 @@ def generate_stage(recipe, engine_kwargs: dict | None = None, progress: bool = T
     conversations = [prompt_messages(r) for r in rows]
 
     size = settings.generation_shard_size
-    if size < 1:
-        raise SELMError(f"generation_shard_size must be at least 1, got {size}")
     shard_dir = out.parent / "generated.shards"
     signature = {"model": model_path, "rows": len(rows), "first_prompt_id": names[0], "last_prompt_id": names[-1],
                  **{k: getattr(settings, k) for k in SIGNATURE_KEYS}}
