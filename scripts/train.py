@@ -137,6 +137,10 @@ def main(argv=None):
         raise SELMError(f"{recipe.path}: 'use_peft' is not supported by the train stage: every iteration's model "
                         "must be a full model, since the next iteration starts from it")
 
+    from selm.generation import check_start_model
+
+    check_start_model(recipe)  # before the trainer's imports and any model load
+
     from transformers import AutoTokenizer
     from selm.io import write_text
     from selm.trainer import SELMTrainer
