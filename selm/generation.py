@@ -411,11 +411,11 @@ def generate_stage(recipe, engine_kwargs: dict | None = None, progress: bool = T
         shards = [(k, start, encoded[start:start + size], names[start:start + size])
                   for k, start in enumerate(range(0, len(rows), size))]
         pending = [s for s in shards if not _shard_path(shard_dir, s[0]).exists()]
-        shard_dir.mkdir(parents=True, exist_ok=True)
-        _check_signature(shard_dir, signature)
         for k, *_ in shards:  # a damaged shard is named now, not after hours of generating the others
             if _shard_path(shard_dir, k).exists():
                 read_parquet(_shard_path(shard_dir, k))
+        shard_dir.mkdir(parents=True, exist_ok=True)
+        _check_signature(shard_dir, signature)
         if pending and len(pending) < len(shards):
             print(f"generate: resuming, {len(shards) - len(pending)} of {len(shards)} shards already in {shard_dir}")
         start = time.perf_counter()

@@ -188,6 +188,9 @@ def stage_record(recipe, stage: str | None = None):
         yield launch
     except BaseException as e:
         first_line = (str(e).splitlines() or [""])[0]
-        launch.update(status="failed", ended=_now(), error=f"{type(e).__name__}: {first_line}".rstrip(": "))
+        try:
+            launch.update(status="failed", ended=_now(), error=f"{type(e).__name__}: {first_line}".rstrip(": "))
+        except Exception as record_error:  # e.g. the same full disk: the stage's own error is the one to raise
+            print(f"warning: the failure was not recorded in run_info.json ({record_error})", file=sys.stderr)
         raise
     launch.update(status="finished", ended=_now())

@@ -183,17 +183,13 @@ def test_stage_lock_takes_the_shared_iteration_zero_and_only_on_rank_zero(tmp_pa
 
 
 def test_stage_script_refuses_a_locked_run_directory(smoke_recipe, capsys):
-    from conftest import REPO
-    import importlib.util
+    from conftest import script_main
 
     recipe = smoke_recipe()
-    spec = importlib.util.spec_from_file_location("selm_rank_script", REPO / "scripts" / "rank.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
     holder = start_holder(recipe.parent / "run")
     try:
         with pytest.raises(SystemExit) as exit_:
-            module.main([str(recipe), "--iteration", "1"])
+            script_main("rank")([str(recipe), "--iteration", "1"])
         assert exit_.value.code == 2
         assert f"is held by pid {holder.pid} " in capsys.readouterr().err
         assert not (recipe.parent / "run" / "run_info.json").exists()  # refused before anything was recorded
