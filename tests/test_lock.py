@@ -28,11 +28,10 @@ def _env(**extra):
     return {**env, **extra}
 
 
-def start_holder(directory, code="import time; time.sleep(120)"):
-    """`python -m selm.lock DIRECTORY -- python -c <code>` in its own session; returns once the command runs.
-
-    `proc.child_pid` is the command's pid (the CLI's child)."""
-    code = f"import os; print('ready', os.getpid(), flush=True)\n{code}"
+def start_holder(directory, setup=""):
+    """`python -m selm.lock DIRECTORY -- python -c <setup; sleep>` in its own session; returns once the command has
+    run `setup`. `proc.child_pid` is the command's pid (the CLI's child)."""
+    code = f"import os, time\n{setup}\nprint('ready', os.getpid(), flush=True)\ntime.sleep(120)"
     proc = subprocess.Popen([PY, "-m", "selm.lock", str(directory), "--", PY, "-c", code], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=_env(), start_new_session=True)
     ready, child_pid = proc.stdout.readline().split()
@@ -144,8 +143,7 @@ def test_cli_runs_the_command_with_the_locks_and_returns_its_status(tmp_path):
 
 
 def test_cli_forwards_sigterm_to_the_command(tmp_path):
-    code = "import signal, sys, time\nsignal.signal(signal.SIGTERM, lambda *a: sys.exit(7))\ntime.sleep(120)"
-    holder = start_holder(tmp_path / "run", code)
+    holder = start_holder(tmp_path / "run", "import signal, sys; signal.signal(signal.SIGTERM, lambda *a: sys.exit(7))")
     try:
         os.kill(holder.pid, signal.SIGTERM)  # to the CLI only, as a scheduler or `kill PID` would
         assert holder.wait(timeout=TIMEOUT) == 7
