@@ -9,10 +9,8 @@ recipe: one value per iteration, in iteration order. Stage scripts are called as
 and command-line values override the recipe (a command-line value applies to the one iteration being run).
 """
 
-import argparse
 import dataclasses
 import difflib
-import math
 import os
 import sys
 import types
@@ -23,119 +21,11 @@ from pathlib import Path
 import yaml
 
 from selm.errors import SELMError
-
-
-def _positive(v):
-    return v > 0
-
-
-def _at_least_one(v):
-    return v >= 1
-
-
-def _non_negative(v):
-    return v >= 0
-
-
-def _fraction(v):
-    return 0 < v <= 1
-
-
-# Allowed values of numeric keys, checked when a recipe is parsed (every iteration's value of a per-iteration list
-# too), so a dry run and the freeze step refuse them before any model loads. None means "unset" and is not checked.
-LIMITS = {
-    # pipeline
-    "num_iterations": (_at_least_one, "it must be at least 1"),
-    "max_samples": (_at_least_one, "it must be at least 1 (or null for all rows)"),
-    "global_batch_size": (_at_least_one, "it must be at least 1"),
-    # generation
-    "temperature": (_non_negative, "it must be >= 0 (0 is greedy decoding)"),
-    "top_p": (_fraction, "it must be in (0, 1]"),
-    "num_responses": (_at_least_one, "it must be at least 1"),
-    "max_new_tokens": (_at_least_one, "it must be at least 1"),
-    "generation_batch_size": (_at_least_one, "it must be at least 1"),
-    "generation_shard_size": (_at_least_one, "it must be at least 1"),
-    "tensor_parallel_size": (_at_least_one, "it must be at least 1"),
-    "data_parallel_size": (_at_least_one, "it must be at least 1"),
-    "gpu_memory_utilization": (_fraction, "it must be in (0, 1]"),
-    "max_model_len": (_at_least_one, "it must be at least 1 (or null for the model's own context length)"),
-    # ranking and evaluation
-    "ranker_batch_size": (_at_least_one, "it must be at least 1"),
-    "ranker_max_length": (_at_least_one, "it must be at least 1"),
-    "eval_max_samples": (_at_least_one, "it must be at least 1 (or null for all rows)"),
-    # training (a dict until SELMConfig is built, which dry runs never do: checked by parse_recipe)
-    "beta": (_positive, "it must be > 0 (beta <= 0 flips or removes the preference objective)"),
-    "alpha": (_non_negative, "it must be >= 0 (0 is plain DPO)"),
-    "learning_rate": (_positive, "it must be > 0"),
-    "num_train_epochs": (_positive, "it must be > 0"),
-    "per_device_train_batch_size": (_at_least_one, "it must be at least 1"),
-    "gradient_accumulation_steps": (_at_least_one, "it must be at least 1"),
-    "max_length": (_at_least_one, "it must be at least 1 (or null for no limit)"),
-    "max_prompt_length": (_at_least_one, "it must be at least 1 (or null for no prompt cut)"),
-    "warmup_steps": (_non_negative, "it must be >= 0 (a value below 1 is a fraction of the steps)"),
-}
-
-
-class BadValue(SELMError):
-    """A value outside its key's limits or of the wrong type; parse_recipe prefixes where it came from."""
-
-    def __init__(self, key: str, value, why: str, where: str = ""):
-        self.key = key
-        super().__init__(f"'{key}' is {value!r}{where}; {why}")
-
-
-def check_limits(values: dict, where: str = "") -> None:
-    """Raise BadValue for the first value of `values` ({key: value}) outside its LIMITS (NaN and inf included)."""
-    for key, value in values.items():
-        if key in LIMITS and isinstance(value, (int, float)) and not isinstance(value, bool):
-            test, why = LIMITS[key]
-            if not math.isfinite(value) or not test(value):
-                raise BadValue(key, value, why, where)
-
-
-EXPECTED = {int: "expected a whole number", float: "expected a number", bool: "expected true or false",
-            str: "expected a string"}
-
-
-def _scalar_type(tp):
-    """int, float, bool or str when a field holds one of them (or None); None for anything richer."""
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        tp = args[0] if len(args) == 1 else None
-    return tp if tp in EXPECTED else None
-
-
-def _typed(key: str, value, tp, where: str = ""):
-    """`value` as the parser turns it into `tp`: strings are converted, anything else must already be one.
-
-    argparse converts only string defaults, so without this a YAML `num_responses: 1.5` would pass as a float.
-    """
-    from transformers.hf_argparser import string_to_bool
-
-    if tp is None or value is None:
-        return value
-    if isinstance(value, str) and tp is not str:
-        try:
-            return string_to_bool(value) if tp is bool else tp(value)
-        except (TypeError, ValueError, argparse.ArgumentTypeError):
-            raise BadValue(key, value, EXPECTED[tp], where) from None
-    fits = isinstance(value, tp) and not (tp is int and isinstance(value, bool))
-    if tp is float:
-        fits = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if not fits:
-        raise BadValue(key, value, EXPECTED[tp], where)
-    return value
-
-
-class _CheckedArguments:
-    """Mixin: a dataclass whose numeric fields are checked against LIMITS when it is built (trl style)."""
-
-    def __post_init__(self):
-        check_limits({f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
+from selm.limits import BadValue, CheckedArguments, check_limits, scalar_type, typed
 
 
 @dataclass
-class PipelineConfig(_CheckedArguments):
+class PipelineConfig(CheckedArguments):
     """Data, portions and iterations of a run."""
 
     dataset_name: str = field(
@@ -192,7 +82,7 @@ class PipelineConfig(_CheckedArguments):
 
 
 @dataclass
-class GenerationArguments(_CheckedArguments):
+class GenerationArguments(CheckedArguments):
     """How the starting model of an iteration answers the prompts of its portion."""
 
     generation_backend: str = field(default="vllm", metadata={"help": "'vllm' (GPU) or 'hf' (transformers generate)."})
@@ -222,7 +112,7 @@ class GenerationArguments(_CheckedArguments):
 
 
 @dataclass
-class RankingArguments(_CheckedArguments):
+class RankingArguments(CheckedArguments):
     """How {generated, chosen, rejected} become the iteration's preference pair."""
 
     ranker: str = field(default="pairrm", metadata={"help": "'pairrm', 'reward_model' or 'oracle'."})
@@ -245,7 +135,7 @@ class RankingArguments(_CheckedArguments):
 
 
 @dataclass
-class EvaluationArguments(_CheckedArguments):
+class EvaluationArguments(CheckedArguments):
     """Held-out evaluation of an iteration's model."""
 
     eval_split: str = field(default="test_prefs", metadata={"help": "Split of dataset_name to evaluate on."})
@@ -534,7 +424,7 @@ def parse_recipe(argv: list[str] | None = None, stage: str = "train") -> tuple[R
     if iteration not in iterations:
         raise SELMError(f"{path}: --iteration {iteration} is not one of this recipe's iterations {iterations}")
 
-    types_ = {name: _scalar_type(hint) for cls in classes.values()
+    types_ = {name: scalar_type(hint) for cls in classes.values()
               for name, hint in typing.get_type_hints(cls).items() if name in fields}
     resolved = {}
     for key, value in raw.items():
@@ -546,7 +436,7 @@ def parse_recipe(argv: list[str] | None = None, stage: str = "train") -> tuple[R
                 )
             try:  # every iteration's value, not only this one's: a dry run of iteration 1 sees a bad iteration 3
                 for k, element in zip(iterations, value):
-                    check_limits({key: _typed(key, element, types_[key], f" for iteration {k}")},
+                    check_limits({key: typed(key, element, types_[key], f" for iteration {k}")},
                                  f" for iteration {k}")
             except BadValue as e:
                 raise SELMError(f"{path}: {e}") from None
@@ -571,7 +461,7 @@ def parse_recipe(argv: list[str] | None = None, stage: str = "train") -> tuple[R
     try:
         for key in resolved:  # command-line values went through argparse's converters; recipe values may not have
             if key not in overrides:
-                _typed(key, values[key], types_[key])
+                typed(key, values[key], types_[key])
         check_limits(groups["training"])
         built = {name: classes[name](**groups[name])
                  for name in ("model", "pipeline", "generation", "ranking", "evaluation")}

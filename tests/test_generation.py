@@ -9,7 +9,7 @@ import pytest
 
 from selm.errors import SELMError
 
-from conftest import REPO, script_main
+from conftest import script_main
 
 
 def run_script(*argv) -> int:

@@ -2,7 +2,6 @@
 the artifact with nothing half-written and a rerun completes; silently altered parquet pages are caught."""
 
 import errno
-import os
 import secrets
 import shutil
 import subprocess
