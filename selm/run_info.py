@@ -64,7 +64,11 @@ def _git(*args) -> str | None:
 
 
 def git_state() -> dict | None:
-    """{"commit", "dirty"} of the checkout `selm` runs from; None when it is not a git checkout (an installed copy)."""
+    """{"commit", "dirty"} of the checkout `selm` runs from; None when it is not a git checkout (an installed copy,
+    even one inside some other repository, e.g. a virtual environment in a project's tree)."""
+    top = _git("rev-parse", "--show-toplevel")
+    if top is None or Path(top.strip()).resolve() != REPO.resolve():
+        return None
     commit = _git("rev-parse", "HEAD")
     if commit is None:
         return None

@@ -70,6 +70,9 @@ def test_other_ranks_of_a_distributed_launch_record_nothing(tmp_path, monkeypatc
 def test_not_a_git_checkout_records_none(monkeypatch, tmp_path):
     monkeypatch.setattr(run_info, "REPO", tmp_path)
     assert run_info.git_state() is None
+    # an installed copy inside another repository's tree (say a virtual environment in a project) is not that project
+    monkeypatch.setattr(run_info, "REPO", REPO / "selm")
+    assert run_info.git_state() is None
 
 
 def test_devices_come_from_nvidia_smi_filtered_by_cuda_visible_devices(tmp_path, monkeypatch):
