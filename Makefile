@@ -87,7 +87,7 @@ llama3-dpo:
 	$(MAKE) --no-print-directory run RECIPE=recipes/llama-3-8b-instruct/dpo.yaml RUN_DIR=$(or $(RUN_DIR),$(RUN_ROOT)/llama3-dpo) LAUNCH="$(ACCELERATE)" GPUS=$(NUM_GPUS)
 
 # ---------------------------------------------------------------- one run: RECIPE, RUN_DIR, ITER, ARGS, LAUNCH
-ifeq ($(MAKECMDGOALS),run)
+ifneq ($(filter run run-stages,$(MAKECMDGOALS)),)
 include pipeline.mk
 endif
 

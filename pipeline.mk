@@ -43,8 +43,18 @@ RUN_TARGETS := $(if $(ITER0_DIR),$(ITER0_DIR)/model) \
 	$(if $(call evaluated,base),$(RUN_DIR)/base/eval/metrics.json) \
 	$(foreach k,$(ITERATIONS),$(call iter_dir,$(k))/model $(if $(call evaluated,$(k)),$(call iter_dir,$(k))/eval/metrics.json))
 
-.PHONY: run freeze
-run: $(RUN_TARGETS)
+# One run per directory at a time: `run` holds RUN_DIR's lock (selm/lock.py) while make builds the stages, which
+# pass it on to them; a second run on the same directory refuses at once, naming the holder. `make -n` takes no
+# lock (it must write nothing): it only prints the stages.
+.PHONY: run run-stages freeze
+ifeq ($(findstring n,$(firstword -$(MAKEFLAGS))),)
+run:
+	@$(PY) -m selm.lock $(RUN_DIR) -- $(MAKE) --no-print-directory run-stages RUN_DIR=$(RUN_DIR)
+else
+run: run-stages
+endif
+
+run-stages: $(RUN_TARGETS)
 	@echo "run finished: $(RUN_DIR) (iterations $(strip $(ITERATIONS)))"
 	$(PY) scripts/summarize.py $(RUN_DIR)
 

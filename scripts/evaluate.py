@@ -15,14 +15,17 @@ from selm.configs import main_guard, parse_recipe
 
 @main_guard
 def main(argv=None):
-    from selm.evaluation import eval_dir, evaluate_stage
-
     recipe, dry_run = parse_recipe(argv, stage="evaluate")
     if dry_run:
         print(recipe.to_yaml())
         return 0
-    done = (eval_dir(recipe) / "metrics.json").exists()
-    metrics = evaluate_stage(recipe)
+    from selm.evaluation import eval_dir, evaluate_stage
+    from selm.lock import stage_lock
+    from selm.run_info import stage_record
+
+    with stage_lock(recipe), stage_record(recipe):
+        done = (eval_dir(recipe) / "metrics.json").exists()
+        metrics = evaluate_stage(recipe)
     summary = {k: metrics[k] for k in ("iteration", "model", "metric", "mean", "sem", "win_rate", "num_prompts")}
     print(f"evaluate: {'already done' if done else 'wrote'} {eval_dir(recipe)}/metrics.json\n{json.dumps(summary)}")
     return 0

@@ -46,10 +46,10 @@ def _load_runs(run_dirs: list[Path]) -> dict:
 
 def _paired_difference(a_dir: str, b_dir: str) -> dict:
     """Mean per-prompt reward difference B − A, paired by prompt_id, with its standard error."""
-    import pyarrow.parquet as pq
+    from selm.io import read_parquet
 
     def rewards(d):
-        t = pq.read_table(Path(d) / "answers.parquet", columns=["prompt_id", "reward"]).to_pydict()
+        t = read_parquet(Path(d) / "answers.parquet", columns=["prompt_id", "reward"]).to_pydict()
         return dict(zip(t["prompt_id"], t["reward"]))
 
     a, b = rewards(a_dir), rewards(b_dir)

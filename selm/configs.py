@@ -21,10 +21,11 @@ from pathlib import Path
 import yaml
 
 from selm.errors import SELMError
+from selm.limits import BadValue, CheckedArguments, check_limits, scalar_type, typed
 
 
 @dataclass
-class PipelineConfig:
+class PipelineConfig(CheckedArguments):
     """Data, portions and iterations of a run."""
 
     dataset_name: str = field(
@@ -81,7 +82,7 @@ class PipelineConfig:
 
 
 @dataclass
-class GenerationArguments:
+class GenerationArguments(CheckedArguments):
     """How the starting model of an iteration answers the prompts of its portion."""
 
     generation_backend: str = field(default="vllm", metadata={"help": "'vllm' (GPU) or 'hf' (transformers generate)."})
@@ -103,9 +104,15 @@ class GenerationArguments:
         default=None, metadata={"help": "vLLM: context length; prompt + max_new_tokens must fit."}
     )
 
+    def __post_init__(self):
+        super().__post_init__()
+        if self.num_responses > 1 and self.temperature <= 0:
+            raise BadValue("num_responses", self.num_responses, f"greedy decoding (temperature {self.temperature}) "
+                           "gives identical responses; set temperature > 0")
+
 
 @dataclass
-class RankingArguments:
+class RankingArguments(CheckedArguments):
     """How {generated, chosen, rejected} become the iteration's preference pair."""
 
     ranker: str = field(default="pairrm", metadata={"help": "'pairrm', 'reward_model' or 'oracle'."})
@@ -128,7 +135,7 @@ class RankingArguments:
 
 
 @dataclass
-class EvaluationArguments:
+class EvaluationArguments(CheckedArguments):
     """Held-out evaluation of a model: greedy answers to held-out prompts, scored against each row's chosen answer."""
 
     evaluate: bool = field(
@@ -432,6 +439,9 @@ def parse_recipe(argv: list[str] | None = None, stage: str = "train", raw: dict 
     if num_processes < 1:
         raise SELMError(f"command line: --num_processes must be at least 1, got {num_processes}")
 
+    def source(key):
+        return "command line" if key in overrides else str(path)
+
     # The iteration count decides how long per-iteration lists must be; read it as the Makefile's plan does.
     plan_keys = {**raw, **{k: (True if v is None else v) for k, v in overrides.items()
                            if k in ("num_iterations", "dpo_iteration_zero")}}
@@ -442,6 +452,8 @@ def parse_recipe(argv: list[str] | None = None, stage: str = "train", raw: dict 
     if iteration not in iterations:
         raise SELMError(f"{path}: --iteration {iteration} is not one of this recipe's iterations {iterations}")
 
+    types_ = {name: scalar_type(hint) for cls in classes.values()
+              for name, hint in typing.get_type_hints(cls).items() if name in fields}
     resolved = {}
     for key, value in raw.items():
         if isinstance(value, list) and not _is_list_type(fields[key].type):
@@ -450,6 +462,12 @@ def parse_recipe(argv: list[str] | None = None, stage: str = "train", raw: dict 
                     f"{path}: '{key}' has {len(value)} per-iteration values but the recipe has "
                     f"{len(iterations)} iterations {iterations}"
                 )
+            try:  # every iteration's value, not only this one's: a dry run of iteration 1 sees a bad iteration 3
+                for k, element in zip(iterations, value):
+                    check_limits({key: typed(key, element, types_[key], f" for iteration {k}")},
+                                 f" for iteration {k}")
+            except BadValue as e:
+                raise SELMError(f"{path}: {e}") from None
             value = value[iterations.index(iteration)]
         resolved[key] = value
 
@@ -468,7 +486,15 @@ def parse_recipe(argv: list[str] | None = None, stage: str = "train", raw: dict 
               for name, cls in classes.items()}
     if zero and iteration == 0:
         groups["training"]["alpha"] = 0.0  # iteration 0 trains on the original pairs: no generated response exists
-    built = {name: classes[name](**groups[name]) for name in ("model", "pipeline", "generation", "ranking", "evaluation")}
+    try:
+        for key in resolved:  # command-line values went through argparse's converters; recipe values may not have
+            if key not in overrides:
+                typed(key, values[key], types_[key])
+        check_limits(groups["training"])
+        built = {name: classes[name](**groups[name])
+                 for name in ("model", "pipeline", "generation", "ranking", "evaluation")}
+    except BadValue as e:
+        raise SELMError(f"{source(e.key)}: {e}") from None
     recipe = Recipe(
         path=path,
         stage=stage,

@@ -102,10 +102,18 @@ def validate_preference_data(dataset, source: str) -> None:
         raise SELMError(f"{source}: missing column '{missing[0]}' (the UltraFeedback schema needs {list(REQUIRED_COLUMNS)})")
     if len(dataset) == 0:
         raise SELMError(f"{source}: no rows")
+    first_row_of = {}  # prompt_id -> row: ranking, generation shards and the reports identify a prompt by it
     for row, example in enumerate(dataset.select_columns(list(REQUIRED_COLUMNS))):
         for column in ("prompt", "prompt_id"):
             if not isinstance(example[column], str):
                 raise SELMError(f"{source}: row {row}, column '{column}': expected a string")
+        prompt_id = example["prompt_id"]
+        if not prompt_id.strip():
+            raise SELMError(f"{source}: row {row}, column 'prompt_id': empty; every row needs its own id")
+        if prompt_id in first_row_of:
+            raise SELMError(f"{source}: rows {first_row_of[prompt_id]} and {row} have the same prompt_id "
+                            f"{prompt_id!r}; prompt_ids must be unique (drop or rename the duplicate)")
+        first_row_of[prompt_id] = row
         for column in ("chosen", "rejected"):
             _check_messages(example[column], source, row, column)
         if example["chosen"][:-1] != example["rejected"][:-1]:
@@ -175,9 +183,13 @@ def ensure_portion(recipe):
 
 
 def read_parquet_dataset(path):
-    """A parquet artifact of a run as a `datasets.Dataset`; a missing file is a one-line error naming it."""
+    """A parquet artifact of a run as an in-memory `datasets.Dataset`.
+
+    A missing, truncated or damaged file is a one-line error naming it (selm.io.read_parquet checks the page
+    checksums). In memory: no copy is written to the datasets cache, and a 0-row file is read like any other.
+    """
     import datasets
 
-    if not Path(path).is_file():
-        raise SELMError(f"missing input: {path} (run the previous stage first)")
-    return datasets.Dataset.from_parquet(str(path))
+    from selm.io import read_parquet
+
+    return datasets.Dataset(read_parquet(path))

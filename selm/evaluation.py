@@ -54,8 +54,6 @@ def load_eval_rows(recipe):
         raise SELMError(f"{recipe.path}: dataset_name {name} is a single file, which has no held-out split "
                         f"'{e.eval_split}'; set eval_dataset_name to a held-out file, or make dataset_name a directory "
                         "of split files (train_prefs.jsonl, test_prefs.jsonl)")
-    if e.eval_max_samples is not None and e.eval_max_samples < 1:
-        raise SELMError(f"{recipe.path}: 'eval_max_samples' is {e.eval_max_samples}; it must be at least 1")
     rows = load_preference_data(name, e.eval_split, p.dataset_config if name == p.dataset_name else None)
     if e.eval_max_samples is not None:
         if e.eval_max_samples > len(rows):
@@ -206,9 +204,9 @@ def read_metrics(directory: Path) -> dict | None:
 
 
 def read_rewards(directory: Path) -> list[float]:
-    import pyarrow.parquet as pq
+    from selm.io import read_parquet
 
-    return pq.read_table(Path(directory) / "answers.parquet", columns=["reward"]).column("reward").to_pylist()
+    return read_parquet(Path(directory) / "answers.parquet", columns=["reward"]).column("reward").to_pylist()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -221,14 +219,13 @@ def implicit_rewards(recipe) -> "pyarrow.Table":  # noqa: F821
     Cached in <iter-K>/eval/implicit_rewards.parquet (atomic); rows dropped by the trainer's length rules are absent.
     """
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     from selm.data import to_trainer_format
-    from selm.io import write_parquet
+    from selm.io import read_parquet, write_parquet
 
     path = eval_dir(recipe) / "implicit_rewards.parquet"
     if path.exists():
-        return pq.read_table(path)
+        return read_parquet(path)
     if recipe.base:
         raise SELMError("implicit rewards compare an iteration's model with its starting model; the base model has none")
     policy_path, reference_path = recipe.trained_model, recipe.start_model

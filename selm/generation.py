@@ -45,6 +45,19 @@ def check_model_path(model_path: str) -> None:
                         f"({str(e).splitlines()[0]})") from None
 
 
+def check_start_model(recipe) -> None:
+    """The model an iteration starts from must exist before a stage does any work with it (one line if not)."""
+    model_path = recipe.start_model
+    if recipe.iteration > recipe.pipeline.first_iteration and not Path(model_path).is_dir():
+        raise SELMError(f"model directory not found: {model_path} (iteration {recipe.iteration} starts from the "
+                        f"model trained in iteration {recipe.iteration - 1}: run its train stage first)")
+    try:
+        check_model_path(model_path)
+    except SELMError as e:
+        raise SELMError(f"{e} (model_name_or_path in {recipe.path})" if model_path == recipe.model.model_name_or_path
+                        else str(e)) from None
+
+
 def _eos_ids(tokenizer, model_path: str, trust_remote_code: bool) -> list[int]:
     """The tokenizer's EOS plus every EOS id of the model's generation config, in that order, deduplicated."""
     from transformers import GenerationConfig
@@ -88,13 +101,7 @@ class Generator:
 
         if settings.generation_backend not in ("hf", "vllm"):
             raise SELMError(f"generation_backend is {settings.generation_backend!r}; expected 'hf' or 'vllm'")
-        if settings.num_responses < 1:
-            raise SELMError(f"num_responses must be at least 1, got {settings.num_responses}")
-        if settings.num_responses > 1 and settings.temperature <= 0:
-            raise SELMError(f"num_responses {settings.num_responses} with temperature {settings.temperature}: greedy "
-                            "decoding gives identical responses; set temperature > 0")
-        if settings.max_new_tokens < 1:
-            raise SELMError(f"max_new_tokens must be at least 1, got {settings.max_new_tokens}")
+        # the sampling settings were checked when GenerationArguments was built (selm.configs.LIMITS)
         check_model_path(model_path)
         self.model_path, self.settings = str(model_path), settings
         self.dtype = None if dtype in (None, "auto") else str(dtype)
@@ -349,7 +356,10 @@ def _check_signature(shard_dir: Path, signature: dict) -> None:
 
     path = shard_dir / "settings.json"
     if path.is_file():
-        old = json.loads(path.read_text())
+        try:
+            old = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise SELMError(f"{path}: not valid JSON ({e}); delete {shard_dir} and rerun the stage") from None
         changed = [k for k in signature if old.get(k) != signature[k]]
         if changed:
             k = changed[0]
@@ -368,17 +378,18 @@ def generate_in_shards(model_path: str, settings, conversations: list[list[dict]
     data_parallel_size > 1 the pending shards are spread over one process per replica. The caller removes
     `shard_dir` once it has written its own output.
     """
-    import pyarrow.parquet as pq
+    from selm.io import read_parquet
 
-    size = settings.generation_shard_size
-    if size < 1:
-        raise SELMError(f"generation_shard_size must be at least 1, got {size}")
+    size = settings.generation_shard_size  # >= 1: GenerationArguments checks it
     with Generator(model_path, settings, **generator_kwargs) as gen:
         encoded = gen.encode(conversations)  # once: the length check and every shard use these ids
         gen.check_lengths(encoded, names)  # every prompt, before anything is written
         shards = [(k, start, encoded[start:start + size], names[start:start + size])
                   for k, start in enumerate(range(0, len(names), size))]
         pending = [s for s in shards if not _shard_path(shard_dir, s[0]).exists()]
+        for k, *_ in shards:  # a damaged shard is named now, not after hours of generating the others
+            if _shard_path(shard_dir, k).exists():
+                read_parquet(_shard_path(shard_dir, k))
         shard_dir.mkdir(parents=True, exist_ok=True)
         _check_signature(shard_dir, signature)
         if pending and len(pending) < len(shards):
@@ -397,7 +408,7 @@ def generate_in_shards(model_path: str, settings, conversations: list[list[dict]
 
     responses = []
     for k, _, _, shard_names in shards:
-        shard = pq.read_table(_shard_path(shard_dir, k)).to_pydict()
+        shard = read_parquet(_shard_path(shard_dir, k)).to_pydict()
         if shard["prompt_id"] != shard_names:
             raise SELMError(f"{_shard_path(shard_dir, k)}: its prompt_ids do not match this run's prompts; delete "
                             f"{shard_dir} to start over")
@@ -421,10 +432,9 @@ def generate_stage(recipe, engine_kwargs: dict | None = None, progress: bool = T
     import shutil
 
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     from selm.data import ensure_portion, prompt_messages
-    from selm.io import write_parquet
+    from selm.io import read_parquet, write_parquet
 
     if recipe.is_generation_free:
         raise SELMError(f"{recipe.path}: iteration 0 of a dpo_iteration_zero recipe trains on the original pairs; "
@@ -433,12 +443,9 @@ def generate_stage(recipe, engine_kwargs: dict | None = None, progress: bool = T
     if out.exists():  # complete by construction (atomic write)
         return out
     settings, model_path = recipe.generation, recipe.start_model
-    if recipe.iteration > recipe.pipeline.first_iteration and not Path(model_path).is_dir():
-        raise SELMError(f"model directory not found: {model_path} (iteration {recipe.iteration} starts from the "
-                        f"model trained in iteration {recipe.iteration - 1}: run its train stage first)")
-    check_model_path(model_path)  # before writing anything
+    check_start_model(recipe)  # before writing anything
     portion_path = ensure_portion(recipe)
-    table = pq.read_table(portion_path)
+    table = read_parquet(portion_path)
     if table.num_rows == 0:
         raise SELMError(f"{portion_path}: zero rows, nothing to generate")
     rows = table.select(["prompt_id", "chosen"]).to_pylist()

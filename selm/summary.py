@@ -5,7 +5,7 @@ import re
 from pathlib import Path
 
 from selm.errors import SELMError
-from selm.io import atomic_path, write_text
+from selm.io import atomic_path, parquet_num_rows, read_parquet, write_text
 
 
 def _iteration_dirs(run_dir: Path) -> list[tuple[int, Path]]:
@@ -23,11 +23,7 @@ def _iteration_dirs(run_dir: Path) -> list[tuple[int, Path]]:
 
 
 def _rows(path: Path) -> int | None:
-    if not path.exists():
-        return None
-    import pyarrow.parquet as pq
-
-    return pq.ParquetFile(path).metadata.num_rows
+    return parquet_num_rows(path) if path.exists() else None
 
 
 def iteration_summary(k: int, d: Path) -> dict:
@@ -129,7 +125,6 @@ def _plot(run_dir: Path, iterations: list[dict]) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import pyarrow.parquet as pq
 
     ranked = [(it["iteration"], Path(it["dir"]) / "ranked.parquet") for it in iterations]
     ranked = [(k, p) for k, p in ranked if p.exists()]
@@ -139,7 +134,7 @@ def _plot(run_dir: Path, iterations: list[dict]) -> None:
         return
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for k, path in ranked:
-        rows = pq.read_table(path, columns=["scores", "chosen_index", "rejected_index"]).to_pylist()
+        rows = read_parquet(path, columns=["scores", "chosen_index", "rejected_index"]).to_pylist()
         axes[0].hist([r["scores"][0] for r in rows], bins=20, alpha=0.5, label=f"iter {k}: generated")
     axes[0].set(title="Ranker score of the generated response", xlabel="score", ylabel="rows")
     for k, path in logs:

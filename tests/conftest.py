@@ -47,6 +47,16 @@ def tiny_model_dir(tmp_path_factory):
     return path
 
 
+def script_main(name: str):
+    """`main` of scripts/<name>.py, loaded as a module (scripts/ is not a package): runs a stage in this process."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"selm_{name}_script", REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
 def write_smoke_recipe(directory: Path, model_dir, data_file, **overrides) -> Path:
     """A copy of recipes/smoke/selm.yaml using the given model and data, with its run dir under `directory`."""
     import yaml

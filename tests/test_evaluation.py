@@ -12,6 +12,16 @@ import torch.nn.functional as F
 from selm.configs import parse_recipe
 from selm.errors import SELMError
 
+from conftest import script_main
+
+
+def run_script(name, argv) -> int:
+    """scripts/<name>.py main(argv) in this process; its exit code."""
+    try:
+        return script_main(name)([str(a) for a in argv]) or 0
+    except SystemExit as e:
+        return e.code
+
 
 def recipe_for(path, iteration="1", stage="evaluate", *overrides):
     return parse_recipe([str(path), "--iteration", str(iteration), *overrides], stage=stage)[0]
@@ -88,8 +98,6 @@ def test_a_single_data_file_has_no_held_out_split(smoke_recipe, fixture_file):
 
 
 def test_an_iteration_that_was_not_trained_is_named(smoke_recipe, capsys):
-    from scripts_loader import run_script
-
     code = run_script("evaluate", [smoke_recipe(), "--iteration", "2"])
     assert code == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -223,8 +231,6 @@ def test_mt_bench_export_answers_two_turns_with_the_first_answer_in_context(smok
     ("alpaca_eval", '[{"instruction": "ok"}, {"output": "no instruction"}]', "question 1: needs a non-empty string 'instruction'"),
 ])
 def test_bad_question_files_are_named_and_nothing_is_written(smoke_recipe, tmp_path, capsys, fmt, content, message):
-    from scripts_loader import run_script
-
     questions = tmp_path / "questions.jsonl"
     questions.write_text(content)
     out = tmp_path / "answers.out"
@@ -236,8 +242,6 @@ def test_bad_question_files_are_named_and_nothing_is_written(smoke_recipe, tmp_p
 
 
 def test_export_without_questions_for_mt_bench_says_what_to_pass(smoke_recipe, tmp_path, capsys):
-    from scripts_loader import run_script
-
     code = run_script("export_answers", [smoke_recipe(), "--iteration", "base", "--format", "mt_bench",
                                          "--output", tmp_path / "a.jsonl"])
     assert code == 2 and "--format mt_bench needs --questions PATH" in capsys.readouterr().err

