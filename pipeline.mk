@@ -30,6 +30,7 @@ plan = $(patsubst $(1)=%,%,$(filter $(1)=%,$(PLAN)))
 
 ITERATIONS := $(subst $(comma), ,$(call plan,iterations))
 ITER0_DIR := $(call plan,iter0_dir)
+BASE_DIR := $(call plan,base_dir)
 FROZEN := $(RUN_DIR)/recipe.yaml
 iter_dir = $(if $(filter 0,$(1)),$(ITER0_DIR),$(RUN_DIR)/iter-$(1))
 previous = $(word $(1),0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 24 25 26 27 28 29 30)
@@ -38,9 +39,10 @@ parallel = $(if $(GPUS),--data_parallel_size $(shell echo $$(( $(GPUS) / $(call 
 evaluated = $(filter 1,$(call plan,evaluate_$(1)))
 
 # What the run makes, in order: iteration 0 first (a shared one is claimed before anything else), the base
-# model's evaluation, then each iteration's model and its evaluation.
+# model's evaluation (beside a shared iteration 0, which its runs share too), then each iteration's model and its
+# evaluation.
 RUN_TARGETS := $(if $(ITER0_DIR),$(ITER0_DIR)/model) \
-	$(if $(call evaluated,base),$(RUN_DIR)/base/eval/metrics.json) \
+	$(if $(call evaluated,base),$(BASE_DIR)/eval/metrics.json) \
 	$(foreach k,$(ITERATIONS),$(call iter_dir,$(k))/model $(if $(call evaluated,$(k)),$(call iter_dir,$(k))/eval/metrics.json))
 
 # One run per directory at a time: `run` holds RUN_DIR's lock (selm/lock.py) while make builds the stages, which
@@ -66,7 +68,7 @@ freeze:
 $(ITER0_DIR)/model: | freeze
 	$(LAUNCH) scripts/train.py $(FROZEN) --iteration 0
 
-$(RUN_DIR)/base/eval/metrics.json: | freeze
+$(BASE_DIR)/eval/metrics.json: | freeze
 	$(PY) scripts/evaluate.py $(FROZEN) --iteration base $(call parallel,base)
 
 define ITERATION_RULES

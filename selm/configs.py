@@ -103,6 +103,11 @@ class GenerationArguments(CheckedArguments):
     max_model_len: int | None = field(
         default=None, metadata={"help": "vLLM: context length; prompt + max_new_tokens must fit."}
     )
+    vllm_enforce_eager: bool = field(
+        default=False,
+        metadata={"help": "vLLM: no CUDA graphs / warm-up compilation (starts faster, generates slower; the CPU "
+                  "rehearsal uses it)."},
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -225,7 +230,7 @@ class Recipe:
 
     def iter_dir(self, k: int | None = None) -> Path:
         if k is None and self.base:
-            return self.run_dir / "base"
+            return base_dir(self.run_dir, self.pipeline.iteration_zero_dir if self.pipeline.dpo_iteration_zero else None)
         k = self.iteration if k is None else k
         if k == 0 and self.pipeline.iteration_zero_dir:
             return Path(self.pipeline.iteration_zero_dir)
@@ -323,6 +328,12 @@ class Recipe:
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def base_dir(run_dir, shared_iteration_zero: str | None) -> Path:
+    """Where the base model's evaluation lives: beside a shared iteration 0 (the runs that share it start from the
+    same model, so they share its evaluation), else in the run directory."""
+    return Path(shared_iteration_zero) / "base" if shared_iteration_zero else Path(run_dir) / "base"
 
 
 def _differs(value, default) -> bool:
@@ -677,16 +688,18 @@ def run_plan(argv: list[str]) -> dict:
     run_dir = Path(recipe["output_dir"])
     shared = plan["iteration_zero_dir"] if plan["dpo_iteration_zero"] else None
     plan["iteration_zero_dir"] = str(shared or run_dir / "iter-0") if plan["dpo_iteration_zero"] else None
+    plan["base_dir"] = str(base_dir(run_dir, shared))
     plan["run_dir"] = str(run_dir)
     return plan
 
 
 def plan_as_make_words(plan: dict) -> str:
     """The plan as `key=value` words for the Makefile ($(shell) joins lines; paths may not contain spaces)."""
-    for path in (plan["run_dir"], plan["iteration_zero_dir"] or ""):
+    for path in (plan["run_dir"], plan["iteration_zero_dir"] or "", plan["base_dir"]):
         if any(c.isspace() for c in path):
             raise SELMError(f"run directory {path!r} contains white space, which make cannot handle; choose another")
-    words = [f"iterations={','.join(map(str, plan['iterations']))}", f"run_dir={plan['run_dir']}"]
+    words = [f"iterations={','.join(map(str, plan['iterations']))}", f"run_dir={plan['run_dir']}",
+             f"base_dir={plan['base_dir']}"]
     if plan["iteration_zero_dir"]:
         words.append(f"iter0_dir={plan['iteration_zero_dir']}")
     first = plan["iterations"][0]

@@ -150,8 +150,9 @@ def evaluate_stage(recipe, engine_kwargs: dict | None = None, progress: bool = T
     signature = {"model": model_path, "rows": len(names), "prompt_ids": _prompt_ids_digest(names),
                  **{k: getattr(settings, k) for k in SIGNATURE_KEYS}}
     t0 = time.perf_counter()
-    answers = [r[0] for r in generate_in_shards(model_path, settings, prompts, names, shard_dir, signature,
-                                                generator_kwargs(recipe, engine_kwargs, progress))]
+    responses, workers = generate_in_shards(model_path, settings, prompts, names, shard_dir, signature,
+                                            generator_kwargs(recipe, engine_kwargs, progress))
+    answers = [r[0] for r in responses]
     generate_s = time.perf_counter() - t0
 
     r = recipe.ranking
@@ -184,6 +185,7 @@ def evaluate_stage(recipe, engine_kwargs: dict | None = None, progress: bool = T
         "ranker": _ranker_description(r),
         "generation": {"backend": settings.generation_backend, "greedy": True,
                        "max_new_tokens": settings.max_new_tokens, "data_parallel_size": settings.data_parallel_size,
+                       "workers": workers,
                        "tensor_parallel_size": settings.tensor_parallel_size},
         "seconds": {"generate": round(generate_s, 2), "score": round(score_s, 2),
                     "total": round(time.perf_counter() - started, 2)},

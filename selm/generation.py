@@ -266,6 +266,8 @@ class _VLLMBackend:
                       seed=s.generation_seed, dtype=gen.dtype or "auto")
         if s.max_model_len:
             kwargs["max_model_len"] = s.max_model_len
+        if s.vllm_enforce_eager:
+            kwargs["enforce_eager"] = True
         kwargs.update(gen.engine_kwargs)
         self.llm = vllm.LLM(**kwargs)
 
@@ -370,8 +372,10 @@ def _check_signature(shard_dir: Path, signature: dict) -> None:
 
 
 def generate_in_shards(model_path: str, settings, conversations: list[list[dict]], names: list[str], shard_dir: Path,
-                       signature: dict, generator_kwargs: dict) -> list[list[str]]:
-    """num_responses responses per conversation, resumable: shards of generation_shard_size prompts are written
+                       signature: dict, generator_kwargs: dict) -> tuple[list[list[str]], int]:
+    """(num_responses responses per conversation, the number of processes that generated the pending shards).
+
+    Resumable: shards of generation_shard_size prompts are written
     atomically to `shard_dir` as they finish and a rerun skips the finished ones (`signature` must then match).
 
     Every prompt is encoded and length-checked before anything is written. With the vllm backend and
@@ -394,11 +398,13 @@ def generate_in_shards(model_path: str, settings, conversations: list[list[dict]
         _check_signature(shard_dir, signature)
         if pending and len(pending) < len(shards):
             print(f"generate: resuming, {len(shards) - len(pending)} of {len(shards)} shards already in {shard_dir}")
-        start = time.perf_counter()
+        start, workers = time.perf_counter(), 1 if pending else 0
         if settings.generation_backend == "vllm" and settings.data_parallel_size > 1 and len(pending) > 1:
             from selm.parallel import run_sharded
 
-            run_sharded(_shard_worker, pending, min(settings.data_parallel_size, len(pending)),
+            workers = min(settings.data_parallel_size, len(pending))
+            print(f"generate: {len(pending)} shards over {workers} vLLM replicas (one process each)", flush=True)
+            run_sharded(_shard_worker, pending, workers,
                         devices_per_worker=settings.tensor_parallel_size, model_path=model_path,
                         settings=settings, shard_dir=str(shard_dir), **generator_kwargs)
         else:
@@ -413,7 +419,7 @@ def generate_in_shards(model_path: str, settings, conversations: list[list[dict]
             raise SELMError(f"{_shard_path(shard_dir, k)}: its prompt_ids do not match this run's prompts; delete "
                             f"{shard_dir} to start over")
         responses += shard["responses"]
-    return responses
+    return responses, workers
 
 
 def generator_kwargs(recipe, engine_kwargs: dict | None = None, progress: bool = True) -> dict:
@@ -453,12 +459,12 @@ def generate_stage(recipe, engine_kwargs: dict | None = None, progress: bool = T
     shard_dir = out.parent / "generated.shards"
     signature = {"model": model_path, "rows": len(rows), "first_prompt_id": names[0], "last_prompt_id": names[-1],
                  **{k: getattr(settings, k) for k in SIGNATURE_KEYS}}
-    responses = generate_in_shards(model_path, settings, [prompt_messages(r) for r in rows], names, shard_dir,
-                                   signature, generator_kwargs(recipe, engine_kwargs, progress))
+    responses, workers = generate_in_shards(model_path, settings, [prompt_messages(r) for r in rows], names,
+                                            shard_dir, signature, generator_kwargs(recipe, engine_kwargs, progress))
     table = table.append_column("reference_response", pa.array([r[0] for r in responses], pa.string()))
     table = table.append_column("responses", pa.array(responses, pa.list_(pa.string())))
     write_parquet(table, out, metadata={
-        "model": model_path, "iteration": recipe.iteration, "rows": len(rows),
+        "model": model_path, "iteration": recipe.iteration, "rows": len(rows), "workers": workers,
         **{k: getattr(settings, k) for k in SIGNATURE_KEYS if k != "generation_shard_size"},
     })
     shutil.rmtree(shard_dir)

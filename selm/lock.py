@@ -149,11 +149,12 @@ def is_launch_main() -> bool:
 
 
 def stage_lock_dirs(recipe) -> list[Path]:
-    """The run directory, plus the shared iteration-0 directory when this stage trains or evaluates iteration 0 there."""
+    """The run directory, plus the shared iteration-0 directory when this stage trains or evaluates iteration 0 (or
+    evaluates the base model) there."""
     dirs = [recipe.run_dir]
-    if (recipe.stage in ("train", "evaluate") and recipe.iteration == 0 and not recipe.base
-            and recipe.pipeline.iteration_zero_dir):
-        dirs.append(recipe.iter_dir(0))
+    shared = recipe.pipeline.iteration_zero_dir if recipe.pipeline.dpo_iteration_zero else None
+    if shared and recipe.stage in ("train", "evaluate") and recipe.iteration == 0:
+        dirs.append(Path(shared))
     return dirs
 
 

@@ -175,6 +175,14 @@ class Launch:
             save_launch(self.run_dir, self.record)
 
 
+def _process_seconds() -> float:
+    """Wall time since this process started: the stage's whole cost, interpreter start and imports included (a
+    launcher's own start before it, e.g. accelerate's, is not)."""
+    import psutil
+
+    return round(time.time() - psutil.Process().create_time(), 2)
+
+
 @contextlib.contextmanager
 def stage_record(recipe, stage: str | None = None):
     """Record this launch of a stage in the recipe's run directory (the launch's main process only); mark it
@@ -189,17 +197,16 @@ def stage_record(recipe, stage: str | None = None):
     record = launch_record(stage, iteration, recipe=str(recipe.path), num_processes=recipe.num_processes)
     save_launch(recipe.run_dir, record)
     launch = Launch(recipe.run_dir, record)
-    started = time.perf_counter()
     try:
         yield launch
     except BaseException as e:
         first_line = (str(e).splitlines() or [""])[0]
         try:
-            launch.update(status="failed", ended=_now(), seconds=round(time.perf_counter() - started, 2),
+            launch.update(status="failed", ended=_now(), seconds=_process_seconds(),
                           error=f"{type(e).__name__}: {first_line}".rstrip(": "))
         except Exception as record_error:  # e.g. the same full disk: the stage's own error is the one to raise
             print(f"warning: the failure was not recorded in run_info.json ({record_error})", file=sys.stderr)
         raise
-    seconds = round(time.perf_counter() - started, 2)
+    seconds = _process_seconds()
     launch.update(status="finished", ended=_now(), seconds=seconds)
     print(f"[{recipe.run_dir.name}] {stage} iteration {iteration}: done in {seconds:.1f} s", flush=True)

@@ -8,15 +8,21 @@ from selm.errors import SELMError
 from selm.io import atomic_path, parquet_num_rows, read_parquet, write_text
 
 
+def _shared_iteration_zero(run_dir: Path) -> str | None:
+    """The frozen recipe's shared iteration-0 directory, when the run has one."""
+    import yaml
+
+    frozen = run_dir / "recipe.yaml"
+    recipe = (yaml.safe_load(frozen.read_text()) or {}) if frozen.exists() else {}
+    return recipe.get("iteration_zero_dir") if recipe.get("dpo_iteration_zero") else None
+
+
 def _iteration_dirs(run_dir: Path) -> list[tuple[int, Path]]:
     found = []
     for path in run_dir.iterdir():
         if m := re.fullmatch(r"iter-(\d+)", path.name):
             found.append((int(m[1]), path.resolve()))
-    import yaml
-
-    frozen = run_dir / "recipe.yaml"
-    shared = frozen.exists() and (yaml.safe_load(frozen.read_text()) or {}).get("iteration_zero_dir")
+    shared = _shared_iteration_zero(run_dir)
     if shared and Path(shared).is_dir() and 0 not in dict(found):
         found.append((0, Path(shared).resolve()))
     return sorted(found)
@@ -46,7 +52,10 @@ def held_out(run_dir: Path) -> list[dict]:
     """The held-out evaluations of a run, base first, then by iteration: [{iteration, dir, metrics}, ...]."""
     from selm.evaluation import read_metrics
 
-    found = [("base", run_dir / "base" / "eval")] + [(k, d / "eval") for k, d in _iteration_dirs(run_dir)]
+    from selm.configs import base_dir
+
+    found = [("base", base_dir(run_dir, _shared_iteration_zero(run_dir)) / "eval")]
+    found += [(k, d / "eval") for k, d in _iteration_dirs(run_dir)]
     return [{"iteration": k, "dir": str(d), "metrics": m} for k, d in found if (m := read_metrics(d)) is not None]
 
 

@@ -2,9 +2,12 @@
 
     recipe: recipes/zephyr-7b-sft/selm.yaml
     output_root: runs/sweeps/zephyr-alpha
-    overrides: {iteration_zero_dir: runs/sweeps/zephyr-alpha/iter-0}   # optional, the same for every run
+    overrides: {iteration_zero_dir: "{output_root}/iter-0"}   # optional, the same for every run
     grid:
       alpha: [0.005, 0.001, 0.0005, 0.0001]
+
+`{output_root}` in a string value stands for the output root, which `--output_root` (make's SWEEP_ROOT; the CPU
+rehearsal) may move.
 
 `expand` lists one run per combination (run directory and overrides); `make sweep` runs each with `make run`, which
 freezes it (a rerun reuses them: a sweep resumes like a run). `table` collects each run's summary into
@@ -24,7 +27,7 @@ from selm.io import write_text
 from selm.summary import held_out, summarize_run
 
 
-def load_sweep(path) -> dict:
+def load_sweep(path, output_root: str | None = None) -> dict:
     sweep = load_recipe_yaml(path)
     unknown = set(sweep) - {"recipe", "output_root", "overrides", "grid"}
     if unknown:
@@ -34,6 +37,15 @@ def load_sweep(path) -> dict:
             raise SELMError(f"{path}: '{key}' is required")
     if not isinstance(sweep["grid"], dict) or not all(isinstance(v, list) and v for v in sweep["grid"].values()):
         raise SELMError(f"{path}: 'grid' must map recipe keys to non-empty lists of values")
+    if output_root:
+        sweep["output_root"] = output_root
+    root = str(sweep["output_root"])
+
+    def place(value):
+        return value.replace("{output_root}", root) if isinstance(value, str) else value
+
+    sweep["overrides"] = {k: place(v) for k, v in (sweep.get("overrides") or {}).items()}
+    sweep["grid"] = {k: [place(v) for v in values] for k, values in sweep["grid"].items()}
     return sweep
 
 
@@ -59,12 +71,13 @@ def _as_arg(value) -> str:
     return text
 
 
-def expand(path) -> list[tuple[str, Path, list[str]]]:
-    """(recipe, run dir, overrides) per combination, in grid order, each checked for every iteration. Writes nothing:
-    every run freezes its own recipe when `make run` starts it (so `make -n sweep` has no side effects)."""
+def expand(path, output_root: str | None = None, overlay: str | None = None) -> list[tuple[str, Path, list[str]]]:
+    """(recipe, run dir, overrides) per combination, in grid order, each checked for every iteration (with the overlay
+    make will freeze it with). Writes nothing: every run freezes its own recipe when `make run` starts it (so
+    `make -n sweep` has no side effects)."""
     from selm.configs import check_every_iteration, merge_recipe_sources
 
-    sweep = load_sweep(path)
+    sweep = load_sweep(path, output_root)
     out = []
     for combo, run_dir in combinations(sweep):
         args = []
@@ -72,21 +85,21 @@ def expand(path) -> list[tuple[str, Path, list[str]]]:
             if key == "output_dir":
                 raise SELMError(f"{path}: 'output_dir' is set per combination from output_root; remove it")
             args += [f"--{key}", _as_arg(value)]
-        _, merged, described = merge_recipe_sources([sweep["recipe"], "--output_dir", str(run_dir), *args],
-                                                    "make sweep SWEEP=path/to/sweep.yaml")
+        sources = [sweep["recipe"], *(["--overlay", overlay] if overlay else []), "--output_dir", str(run_dir), *args]
+        _, merged, _ = merge_recipe_sources(sources, "make sweep SWEEP=path/to/sweep.yaml")
         check_every_iteration(merged, f"{path} ({run_dir.name})")  # fail before the first run starts
         out.append((sweep["recipe"], run_dir, args))
     return out
 
 
-def table(path) -> str:
+def table(path, output_root: str | None = None) -> str:
     """One row per run, ranked by the held-out metric at the last iteration every evaluated run reached (the paper
     selects alpha by it; the best is marked), with the last iteration's training-side results beside it.
     Writes sweep_table.md and .csv, and sweep_rewards.png (the runs' held-out reward distributions, paper Fig. 3 middle).
     """
     from selm.plots import plot_reward_distributions
 
-    sweep = load_sweep(path)
+    sweep = load_sweep(path, output_root)
     root = Path(sweep["output_root"])
     runs = []
     for combo, run_dir in combinations(sweep):
