@@ -4,9 +4,11 @@
 #   make demo                       the smoke pipeline on CPU with the offline tiny model (README quick start)
 #   make test                       the test suite (CPU, no hub)
 #   make zephyr-selm ITER=3         the paper's Zephyr recipe on a GPU node (NUM_GPUS=8)
+#   make zephyr-selm REHEARSAL=1 ITER=1   the same target, recipe and launchers on CPU with tiny stand-ins
 #   make run RECIPE=path.yaml ITER=2 RUN_DIR=runs/x ARGS="--beta 0.05"
 #   make sweep SWEEP=recipes/sweeps/zephyr-alpha.yaml
-#   make -n zephyr-selm ITER=3      print the plan without running it
+#   make compare RUNS="runs/a runs/b" [ITER=K] [OUT=dir]   held-out metrics and figures of several runs
+#   make -n zephyr-selm ITER=3      print the plan without running it (writes nothing)
 
 SHELL := /bin/bash
 VENV ?= .venv
@@ -15,12 +17,30 @@ PY_SYS ?= python3
 NUM_GPUS ?= 8
 RUN_ROOT ?= runs
 ARGS ?=
+ACCELERATE_CONFIG := recipes/accelerate_configs/deepspeed_zero3.yaml
+PAPER_ROOT := $(RUN_ROOT)
+PAPER_NEEDS :=
+
+# REHEARSAL=1: a paper target on CPU with the tiny stand-ins of recipes/rehearsal.yaml, in RUN_ROOT/rehearsal/:
+# the same recipe, target, stage scripts and launch commands, with 2 processes where the GPU run has NUM_GPUS.
+ifeq ($(REHEARSAL),1)
+OVERLAY := recipes/rehearsal.yaml
+override NUM_GPUS := 2
+ACCELERATE_CONFIG := recipes/accelerate_configs/cpu_zero3.yaml
+PAPER_ROOT := $(RUN_ROOT)/rehearsal
+PAPER_NEEDS := rehearsal-models
+export OMP_NUM_THREADS ?= 1
+# vLLM's engine in its caller's process: one vLLM import per worker instead of three (an engine starts in ~20 s)
+export VLLM_ENABLE_V1_MULTIPROCESSING ?= 0
+endif
+
 # The GPU launcher: DeepSpeed ZeRO-3 with one process per GPU (the global batch stays the recipe's).
-ACCELERATE := $(VENV)/bin/accelerate launch --config_file recipes/accelerate_configs/deepspeed_zero3.yaml --num_processes $(NUM_GPUS)
+ACCELERATE := $(VENV)/bin/accelerate launch --config_file $(ACCELERATE_CONFIG) --num_processes $(NUM_GPUS)
 export HF_HUB_ENABLE_HF_TRANSFER ?= 0
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: help install install-gpu demo smoke smoke-dpo test zephyr-selm zephyr-dpo llama3-selm llama3-dpo run sweep tiny clean-smoke
+.PHONY: help install install-gpu demo smoke smoke-dpo test zephyr-selm zephyr-dpo llama3-selm llama3-dpo run sweep \
+	compare tiny rehearsal-models clean-smoke
 
 help:
 	@sed -n '1,12p' Makefile
@@ -45,10 +65,15 @@ install-gpu:
 build/tiny-llama/config.json: | $(VENV)/.installed
 	$(PY) scripts/build_tiny_model.py build/tiny-llama
 
-build/fixture.jsonl: | $(VENV)/.installed
-	$(PY) scripts/make_fixture.py $@
+build/fixture/train_prefs.jsonl: | $(VENV)/.installed
+	$(PY) scripts/make_fixture.py build/fixture
 
-tiny: build/tiny-llama/config.json build/fixture.jsonl
+tiny: build/tiny-llama/config.json build/fixture/train_prefs.jsonl
+
+build/tiny-pairrm/config.json: | $(VENV)/.installed
+	$(PY) scripts/build_tiny_model.py build/tiny-pairrm --kind pairrm
+
+rehearsal-models: tiny build/tiny-pairrm/config.json
 
 # ---------------------------------------------------------------- quick start
 test: $(VENV)/.installed
@@ -57,45 +82,57 @@ test: $(VENV)/.installed
 # The tiny model runs faster on one thread than on two (thread sync costs more than its matmuls).
 demo smoke smoke-dpo: export OMP_NUM_THREADS ?= 1
 
-demo: tiny
-	$(MAKE) --no-print-directory run RECIPE=recipes/smoke/selm.yaml RUN_DIR=$(RUN_ROOT)/smoke-selm ITER=2 LAUNCH="$(PY)"
-	$(PY) scripts/summarize.py $(RUN_ROOT)/smoke-selm
+demo: smoke
 
-smoke: demo
+smoke: tiny
+	$(MAKE) --no-print-directory run RECIPE=recipes/smoke/selm.yaml RUN_DIR=$(or $(RUN_DIR),$(RUN_ROOT)/smoke-selm) LAUNCH="$(PY)"
 
 smoke-dpo: tiny
-	$(MAKE) --no-print-directory run RECIPE=recipes/smoke/dpo.yaml RUN_DIR=$(RUN_ROOT)/smoke-dpo ITER=2 LAUNCH="$(PY)"
+	$(MAKE) --no-print-directory run RECIPE=recipes/smoke/dpo.yaml RUN_DIR=$(or $(RUN_DIR),$(RUN_ROOT)/smoke-dpo) LAUNCH="$(PY)"
 
 clean-smoke:
 	rm -rf $(RUN_ROOT)/smoke-selm $(RUN_ROOT)/smoke-dpo
 
 # ---------------------------------------------------------------- the paper's runs
 # Zephyr's iteration 0 (plain DPO on the first quarter) is shared by the SELM and DPO runs of one RUN_ROOT.
-ZEPHYR_ITER0 := --iteration_zero_dir $(RUN_ROOT)/zephyr-iter0
+# LAUNCH replaces the training launcher (recipes/launch.slurm sets a multi-node one); GPUs serve vLLM on this node.
+ZEPHYR_ITER0 := --iteration_zero_dir $(PAPER_ROOT)/zephyr-iter0
+paper_run = $(MAKE) --no-print-directory run RECIPE=$(1) RUN_DIR=$(or $(RUN_DIR),$(PAPER_ROOT)/$(2)) ARGS="$(3) $(ARGS)" \
+	LAUNCH="$(or $(LAUNCH),$(ACCELERATE))" GPUS=$(NUM_GPUS) OVERLAY=$(OVERLAY)
 
-zephyr-selm:
-	$(MAKE) --no-print-directory run RECIPE=recipes/zephyr-7b-sft/selm.yaml RUN_DIR=$(or $(RUN_DIR),$(RUN_ROOT)/zephyr-selm) ARGS="$(ZEPHYR_ITER0) $(ARGS)" LAUNCH="$(ACCELERATE)" GPUS=$(NUM_GPUS)
+zephyr-selm: $(PAPER_NEEDS)
+	+$(call paper_run,recipes/zephyr-7b-sft/selm.yaml,zephyr-selm,$(ZEPHYR_ITER0))
 
-zephyr-dpo:
-	$(MAKE) --no-print-directory run RECIPE=recipes/zephyr-7b-sft/dpo.yaml RUN_DIR=$(or $(RUN_DIR),$(RUN_ROOT)/zephyr-dpo) ARGS="$(ZEPHYR_ITER0) $(ARGS)" LAUNCH="$(ACCELERATE)" GPUS=$(NUM_GPUS)
+zephyr-dpo: $(PAPER_NEEDS)
+	+$(call paper_run,recipes/zephyr-7b-sft/dpo.yaml,zephyr-dpo,$(ZEPHYR_ITER0))
 
-llama3-selm:
-	$(MAKE) --no-print-directory run RECIPE=recipes/llama-3-8b-instruct/selm.yaml RUN_DIR=$(or $(RUN_DIR),$(RUN_ROOT)/llama3-selm) LAUNCH="$(ACCELERATE)" GPUS=$(NUM_GPUS)
+llama3-selm: $(PAPER_NEEDS)
+	+$(call paper_run,recipes/llama-3-8b-instruct/selm.yaml,llama3-selm,)
 
-llama3-dpo:
-	$(MAKE) --no-print-directory run RECIPE=recipes/llama-3-8b-instruct/dpo.yaml RUN_DIR=$(or $(RUN_DIR),$(RUN_ROOT)/llama3-dpo) LAUNCH="$(ACCELERATE)" GPUS=$(NUM_GPUS)
+llama3-dpo: $(PAPER_NEEDS)
+	+$(call paper_run,recipes/llama-3-8b-instruct/dpo.yaml,llama3-dpo,)
 
 # ---------------------------------------------------------------- one run: RECIPE, RUN_DIR, ITER, ARGS, LAUNCH
-ifeq ($(MAKECMDGOALS),run)
+ifneq ($(filter run run-stages,$(MAKECMDGOALS)),)
 include pipeline.mk
 endif
 
-# ---------------------------------------------------------------- grid searches
-# Expands the sweep into one run directory per combination, runs them one after another, then writes the table.
-sweep: $(VENV)/.installed
+# ---------------------------------------------------------------- grid searches and comparisons
+# Checks every combination first (writing nothing), runs one `make run` per combination (each freezes its own
+# run directory, so the sweep resumes like a run), then writes the table ranked by the held-out metric.
+# REHEARSAL=1 puts the sweep's runs under RUN_ROOT/rehearsal/ (SWEEP_ROOT replaces the sweep file's output_root).
+SWEEP_ROOT ?= $(if $(filter 1,$(REHEARSAL)),$(PAPER_ROOT)/sweeps/$(basename $(notdir $(SWEEP))))
+SWEEP_OPTS := $(if $(SWEEP_ROOT),--output_root $(SWEEP_ROOT))
+sweep: $(VENV)/.installed $(PAPER_NEEDS)
 	@test -n "$(SWEEP)" || { echo "error: make sweep needs SWEEP=path/to/sweep.yaml" >&2; exit 2; }
-	@runs=$$($(PY) scripts/sweep.py expand $(SWEEP)) || exit $$?; \
-	while read -r recipe run_dir; do \
-	  $(MAKE) --no-print-directory run RECIPE=$$recipe RUN_DIR=$$run_dir LAUNCH="$(or $(LAUNCH),$(ACCELERATE))" $(if $(LAUNCH),,GPUS=$(NUM_GPUS)) || exit $$?; \
+	@runs=$$($(PY) scripts/sweep.py expand $(SWEEP) $(SWEEP_OPTS) $(if $(OVERLAY),--overlay $(OVERLAY))) || exit $$?; \
+	while read -r recipe run_dir combo; do \
+	  $(MAKE) --no-print-directory run RECIPE=$$recipe RUN_DIR=$$run_dir ARGS="$$combo $(ARGS)" OVERLAY=$(OVERLAY) \
+	    LAUNCH="$(or $(LAUNCH),$(ACCELERATE))" $(if $(LAUNCH),,GPUS=$(NUM_GPUS)) || exit $$?; \
 	done <<< "$$runs"
-	$(PY) scripts/sweep.py table $(SWEEP)
+	$(PY) scripts/sweep.py table $(SWEEP) $(SWEEP_OPTS)
+
+# Held-out metrics of several runs side by side, their reward distributions and the paper's Fig. 4 (first two runs).
+compare: $(VENV)/.installed
+	@test -n "$(RUNS)" || { echo "error: make compare needs RUNS=\"RUN_DIR_A RUN_DIR_B ...\"" >&2; exit 2; }
+	$(PY) scripts/compare_runs.py $(RUNS) --output_dir $(or $(OUT),$(RUN_ROOT)/comparison) $(if $(ITER),--iteration $(ITER))

@@ -17,6 +17,7 @@ INSTALL_REQUIRES = [
     "pyyaml>=6",
     "matplotlib>=3.8",
     "tqdm",
+    "psutil",  # run_info: stage wall time from process start
 ]
 
 setup(

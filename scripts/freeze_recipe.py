@@ -1,6 +1,7 @@
-"""Freeze a recipe and its overrides into the run directory: RUN_DIR/recipe.yaml, which every stage then reads.
+"""Freeze a recipe, its overlays and its overrides into the run directory: RUN_DIR/recipe.yaml, which every stage
+then reads.
 
-    python scripts/freeze_recipe.py RECIPE.yaml --output_dir RUN_DIR [--key value ...]
+    python scripts/freeze_recipe.py RECIPE.yaml [--overlay PATH] --output_dir RUN_DIR [--key value ...]
 
 Run once per `make run`: the first call writes the frozen copy (after checking every key and per-iteration list);
 later calls check that the recipe and overrides still match it, so a rerun cannot silently mix two settings.

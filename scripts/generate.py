@@ -13,16 +13,19 @@ from selm.configs import main_guard, parse_recipe
 @main_guard
 def main(argv=None):
     from selm.generation import generate_stage
+    from selm.lock import stage_lock
+    from selm.run_info import stage_record
 
     recipe, dry_run = parse_recipe(argv, stage="generate")
     if dry_run:
         print(recipe.to_yaml())
         return
-    out = recipe.iter_dir() / "generated.parquet"
-    if out.exists():
-        print(f"generate: {out} exists; nothing to do (delete it to generate again)")
-        return
-    generate_stage(recipe)
+    with stage_lock(recipe), stage_record(recipe):
+        out = recipe.iter_dir() / "generated.parquet"
+        if out.exists():
+            print(f"generate: {out} exists; nothing to do (delete it to generate again)")
+            return
+        generate_stage(recipe)
     print(f"generate: wrote {out}")
 
 

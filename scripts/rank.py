@@ -15,9 +15,12 @@ def main(argv=None):
     if dry_run:
         print(recipe.to_yaml())
         return 0
+    from selm.lock import stage_lock
     from selm.ranking import run_ranking_stage
+    from selm.run_info import stage_record
 
-    run_ranking_stage(recipe)
+    with stage_lock(recipe), stage_record(recipe):
+        run_ranking_stage(recipe)
     return 0
 
 

@@ -1,11 +1,14 @@
 """Grid searches over recipe keys (see selm/sweep.py for the sweep file).
 
-    python scripts/sweep.py expand SWEEP.yaml   # freeze one run dir per combination; prints "RECIPE RUN_DIR" lines
-    python scripts/sweep.py table SWEEP.yaml    # the results table, also written to output_root/sweep_table.{md,csv}
+    python scripts/sweep.py expand SWEEP.yaml [--output_root DIR] [--overlay PATH]
+        check every combination; print "RECIPE RUN_DIR --key value ..." lines (writes nothing)
+    python scripts/sweep.py table SWEEP.yaml [--output_root DIR]
+        the results table, ranked by the held-out metric; also output_root/sweep_table.{md,csv} and sweep_rewards.png
 
 `make sweep SWEEP=SWEEP.yaml` does both and runs every combination in between.
 """
 
+import argparse
 import sys
 
 from selm.configs import main_guard
@@ -14,15 +17,17 @@ from selm.sweep import expand, table
 
 @main_guard
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 2 or argv[0] not in ("expand", "table"):
-        print(__doc__, file=sys.stderr)
-        sys.exit(2)
-    if argv[0] == "expand":
-        for frozen, run_dir in expand(argv[1]):
-            print(frozen, run_dir)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("action", choices=("expand", "table"))
+    parser.add_argument("sweep")
+    parser.add_argument("--output_root", default=None, help="replaces the sweep file's output_root")
+    parser.add_argument("--overlay", default=None, help="a recipe file merged over the sweep's recipe (expand)")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    if args.action == "expand":
+        for recipe, run_dir, overrides in expand(args.sweep, args.output_root, args.overlay):
+            print(recipe, run_dir, *overrides)
     else:
-        print(table(argv[1]), end="")
+        print(table(args.sweep, args.output_root), end="")
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import sys
 from contextlib import nullcontext
 
 from selm.configs import main_guard, parse_recipe
+from selm.models import load_model
 from selm.errors import SELMError
 
 REFERENCE = "reference_response"
@@ -40,20 +41,6 @@ def load_training_data(recipe, alpha: float):
         # Iterative DPO: y_ref plays no part in the loss, so it is not tokenized or scored (a 1.5x cheaper step).
         dataset = dataset.remove_columns([c for c in dataset.column_names if c == REFERENCE])
     return dataset.map(to_trainer_format, remove_columns=dataset.column_names, desc="Trainer format")
-
-
-def load_model(path, model_args, trust_remote_code: bool):
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    dtype = model_args.dtype
-    if dtype not in (None, "auto"):
-        dtype = getattr(torch, dtype)
-    return AutoModelForCausalLM.from_pretrained(
-        path, dtype=dtype, attn_implementation=model_args.attn_implementation,
-        trust_remote_code=trust_remote_code,
-        revision=model_args.model_revision if path == model_args.model_name_or_path else None,
-    )
 
 
 def last_complete_checkpoint(checkpoints_dir) -> str | None:
@@ -124,10 +111,19 @@ def save_final_model(trainer, tokenizer, out_dir) -> None:
 
 @main_guard
 def main(argv=None):
+    from selm.lock import stage_lock
+    from selm.run_info import stage_record
+
     recipe, dry_run = parse_recipe(argv, stage="train")
     if dry_run:
         print(recipe.to_yaml())
         return 0
+    with stage_lock(recipe), stage_record(recipe) as launch:
+        return train_iteration(recipe, launch)
+
+
+def train_iteration(recipe, launch) -> int:
+    """Train iteration K unless its model exists; `launch` (selm.run_info.Launch) gets the launcher facts."""
     check_shared_iteration_zero(recipe)
     out_dir = recipe.iter_dir() / "model"
     if out_dir.exists():
@@ -137,8 +133,13 @@ def main(argv=None):
         raise SELMError(f"{recipe.path}: 'use_peft' is not supported by the train stage: every iteration's model "
                         "must be a full model, since the next iteration starts from it")
 
+    from selm.generation import check_start_model
+
+    check_start_model(recipe)  # before the trainer's imports and any model load
+
     from transformers import AutoTokenizer
     from selm.io import write_text
+    from selm.run_info import launcher_info
     from selm.trainer import SELMTrainer
 
     # Built before any model: under ZeRO-3 the config must exist for from_pretrained to shard at load time.
@@ -159,6 +160,7 @@ def main(argv=None):
     # reference log-probs the policy itself, before its first step, is that model: no second copy is loaded.
     ref_model = None if args.precompute_ref_log_probs else load_model(start, recipe.model, args.trust_remote_code)
     trainer = SELMTrainer(policy, ref_model=ref_model, args=args, train_dataset=dataset, processing_class=tokenizer)
+    launch.update(launcher=launcher_info(trainer.accelerator))  # e.g. "2 processes, DEEPSPEED, ZeRO stage 3"
 
     checkpoint = args.resume_from_checkpoint or last_complete_checkpoint(args.output_dir)
     if checkpoint and trainer.accelerator.is_main_process:

@@ -21,10 +21,11 @@ from pathlib import Path
 import yaml
 
 from selm.errors import SELMError
+from selm.limits import BadValue, CheckedArguments, check_limits, scalar_type, typed
 
 
 @dataclass
-class PipelineConfig:
+class PipelineConfig(CheckedArguments):
     """Data, portions and iterations of a run."""
 
     dataset_name: str = field(
@@ -81,7 +82,7 @@ class PipelineConfig:
 
 
 @dataclass
-class GenerationArguments:
+class GenerationArguments(CheckedArguments):
     """How the starting model of an iteration answers the prompts of its portion."""
 
     generation_backend: str = field(default="vllm", metadata={"help": "'vllm' (GPU) or 'hf' (transformers generate)."})
@@ -102,10 +103,21 @@ class GenerationArguments:
     max_model_len: int | None = field(
         default=None, metadata={"help": "vLLM: context length; prompt + max_new_tokens must fit."}
     )
+    vllm_enforce_eager: bool = field(
+        default=False,
+        metadata={"help": "vLLM: no CUDA graphs / warm-up compilation (starts faster, generates slower; the CPU "
+                  "rehearsal uses it)."},
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.num_responses > 1 and self.temperature <= 0:
+            raise BadValue("num_responses", self.num_responses, f"greedy decoding (temperature {self.temperature}) "
+                           "gives identical responses; set temperature > 0")
 
 
 @dataclass
-class RankingArguments:
+class RankingArguments(CheckedArguments):
     """How {generated, chosen, rejected} become the iteration's preference pair."""
 
     ranker: str = field(default="pairrm", metadata={"help": "'pairrm', 'reward_model' or 'oracle'."})
@@ -128,11 +140,23 @@ class RankingArguments:
 
 
 @dataclass
-class EvaluationArguments:
-    """Held-out evaluation of an iteration's model."""
+class EvaluationArguments(CheckedArguments):
+    """Held-out evaluation of a model: greedy answers to held-out prompts, scored against each row's chosen answer."""
 
-    eval_split: str = field(default="test_prefs", metadata={"help": "Split of dataset_name to evaluate on."})
-    eval_max_samples: int | None = field(default=None, metadata={"help": "Evaluate on the first N rows only."})
+    evaluate: bool = field(
+        default=False,
+        metadata={"help": "`make run` evaluates the starting model once and every iteration's model after training."},
+    )
+    eval_dataset_name: str | None = field(
+        default=None,
+        metadata={"help": "Held-out data (hub id, directory of split files or one file); default: dataset_name."},
+    )
+    eval_split: str = field(
+        default="test_prefs", metadata={"help": "Held-out split (the paper: UltraFeedback test_prefs, 2,000 prompts)."}
+    )
+    eval_max_samples: int | None = field(
+        default=None, metadata={"help": "Evaluate on the first N held-out rows only (more than the split is an error)."}
+    )
 
 
 # Chosen to match a `choices` check below; a typo in one of these keys' values is reported like a typo in a key.
@@ -197,6 +221,7 @@ class Recipe:
     evaluation: EvaluationArguments
     training: dict
     explicit_keys: set
+    base: bool = False  # `--iteration base` (evaluation, export): the run's starting model, before any iteration
 
     # ---- run layout (DESIGN.md §4) ----
     @property
@@ -204,6 +229,8 @@ class Recipe:
         return Path(self.training["output_dir"])
 
     def iter_dir(self, k: int | None = None) -> Path:
+        if k is None and self.base:
+            return base_dir(self.run_dir, self.pipeline.iteration_zero_dir if self.pipeline.dpo_iteration_zero else None)
         k = self.iteration if k is None else k
         if k == 0 and self.pipeline.iteration_zero_dir:
             return Path(self.pipeline.iteration_zero_dir)
@@ -224,6 +251,15 @@ class Recipe:
         if self.iteration == self.pipeline.first_iteration:
             return self.model.model_name_or_path
         return str(self.iter_dir(self.iteration - 1) / "model")
+
+    @property
+    def trained_model(self) -> str:
+        """The model this iteration produces (for `--iteration base`: the base model itself)."""
+        return self.model.model_name_or_path if self.base else str(self.iter_dir() / "model")
+
+    @property
+    def iteration_name(self) -> str:
+        return "base" if self.base else str(self.iteration)
 
     @property
     def is_generation_free(self) -> bool:
@@ -275,7 +311,7 @@ class Recipe:
         return {
             "recipe": str(self.path),
             "stage": self.stage,
-            "iteration": self.iteration,
+            "iteration": "base" if self.base else self.iteration,
             "iterations": self.pipeline.iterations,
             "run_dir": str(self.run_dir),
             "start_model": self.start_model,
@@ -292,6 +328,12 @@ class Recipe:
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def base_dir(run_dir, shared_iteration_zero: str | None) -> Path:
+    """Where the base model's evaluation lives: beside a shared iteration 0 (the runs that share it start from the
+    same model, so they share its evaluation), else in the run directory."""
+    return Path(shared_iteration_zero) / "base" if shared_iteration_zero else Path(run_dir) / "base"
 
 
 def _differs(value, default) -> bool:
@@ -351,10 +393,15 @@ def _split_cli(argv: list[str]) -> list[tuple[str, str | None]]:
     return pairs
 
 
-def parse_recipe(argv: list[str] | None = None, stage: str = "train") -> tuple[Recipe, bool]:
+# Stages that accept `--iteration base` (the run's starting model).
+BASE_STAGES = ("evaluate", "export")
+
+
+def parse_recipe(argv: list[str] | None = None, stage: str = "train", raw: dict | None = None) -> tuple[Recipe, bool]:
     """Parse `RECIPE.yaml --iteration K [--dry_run] [--num_processes N] [--key value ...]`.
 
-    Returns the resolved recipe and whether `--dry_run` was given. Raises SELMError on bad input.
+    Returns the resolved recipe and whether `--dry_run` was given. Raises SELMError on bad input. `raw`: an already
+    merged recipe mapping to parse instead of reading the file (argv[0] then only names it in messages).
     """
     from trl import TrlParser
 
@@ -365,7 +412,7 @@ def parse_recipe(argv: list[str] | None = None, stage: str = "train") -> tuple[R
     if not argv or argv[0].startswith("--"):
         raise SELMError(f"usage: python scripts/{stage}.py RECIPE.yaml --iteration K [--key value ...]")
     path, rest = Path(argv[0]), argv[1:]
-    raw = load_recipe_yaml(path)
+    raw = load_recipe_yaml(path) if raw is None else dict(raw)
 
     classes = _recipe_classes()
     fields = {f.name: f for cls in classes.values() for f in dataclasses.fields(cls) if f.init}
@@ -376,10 +423,14 @@ def parse_recipe(argv: list[str] | None = None, stage: str = "train") -> tuple[R
         if key not in fields:
             raise _unknown_key_error(path, key, known)
 
-    iteration, dry_run, num_processes, cli, overrides = None, False, None, [], {}
+    iteration, dry_run, num_processes, cli, overrides, base = None, False, None, [], {}, False
     for key, value in _split_cli(rest):
         if key == "dry_run":
             dry_run = value is None or value.lower() in ("1", "true", "yes")
+        elif key == "iteration" and value == "base":
+            if stage not in BASE_STAGES:
+                raise SELMError(f"command line: --iteration base is for {' and '.join(BASE_STAGES)} only")
+            base = True
         elif key in ("iteration", "num_processes"):
             if value is None or not value.lstrip("-").isdigit():
                 raise SELMError(f"command line: --{key} needs a whole number, got {value!r}")
@@ -392,24 +443,28 @@ def parse_recipe(argv: list[str] | None = None, stage: str = "train") -> tuple[R
         else:
             cli += [f"--{key}"] + ([] if value is None else [value])
             overrides[key] = value
-    if iteration is None:
+    if iteration is None and not base:
         raise SELMError(f"command line: --iteration K is required (python scripts/{stage}.py {path} --iteration K)")
     if num_processes is None:
         num_processes = int(os.environ.get("WORLD_SIZE", "1"))
     if num_processes < 1:
         raise SELMError(f"command line: --num_processes must be at least 1, got {num_processes}")
 
-    # The iteration count decides how long per-iteration lists must be; read it before resolving them.
-    from transformers.hf_argparser import string_to_bool
+    def source(key):
+        return "command line" if key in overrides else str(path)
 
-    n_iter = _plan_value(path, "num_iterations", overrides.get("num_iterations", raw.get("num_iterations", 3)), int)
-    zero = _plan_value(path, "dpo_iteration_zero", True if "dpo_iteration_zero" in overrides and
-                       overrides["dpo_iteration_zero"] is None else
-                       overrides.get("dpo_iteration_zero", raw.get("dpo_iteration_zero", False)), string_to_bool)
-    iterations = list(range(0 if zero else 1, n_iter + 1))
+    # The iteration count decides how long per-iteration lists must be; read it as the Makefile's plan does.
+    plan_keys = {**raw, **{k: (True if v is None else v) for k, v in overrides.items()
+                           if k in ("num_iterations", "dpo_iteration_zero")}}
+    plan = _plan_of({k: plan_keys[k] for k in ("num_iterations", "dpo_iteration_zero") if k in plan_keys}, path)
+    zero, iterations = plan["dpo_iteration_zero"], plan["iterations"]
+    if base:
+        iteration = iterations[0]  # the base model is evaluated with the first iteration's settings
     if iteration not in iterations:
         raise SELMError(f"{path}: --iteration {iteration} is not one of this recipe's iterations {iterations}")
 
+    types_ = {name: scalar_type(hint) for cls in classes.values()
+              for name, hint in typing.get_type_hints(cls).items() if name in fields}
     resolved = {}
     for key, value in raw.items():
         if isinstance(value, list) and not _is_list_type(fields[key].type):
@@ -418,6 +473,12 @@ def parse_recipe(argv: list[str] | None = None, stage: str = "train") -> tuple[R
                     f"{path}: '{key}' has {len(value)} per-iteration values but the recipe has "
                     f"{len(iterations)} iterations {iterations}"
                 )
+            try:  # every iteration's value, not only this one's: a dry run of iteration 1 sees a bad iteration 3
+                for k, element in zip(iterations, value):
+                    check_limits({key: typed(key, element, types_[key], f" for iteration {k}")},
+                                 f" for iteration {k}")
+            except BadValue as e:
+                raise SELMError(f"{path}: {e}") from None
             value = value[iterations.index(iteration)]
         resolved[key] = value
 
@@ -436,7 +497,15 @@ def parse_recipe(argv: list[str] | None = None, stage: str = "train") -> tuple[R
               for name, cls in classes.items()}
     if zero and iteration == 0:
         groups["training"]["alpha"] = 0.0  # iteration 0 trains on the original pairs: no generated response exists
-    built = {name: classes[name](**groups[name]) for name in ("model", "pipeline", "generation", "ranking", "evaluation")}
+    try:
+        for key in resolved:  # command-line values went through argparse's converters; recipe values may not have
+            if key not in overrides:
+                typed(key, values[key], types_[key])
+        check_limits(groups["training"])
+        built = {name: classes[name](**groups[name])
+                 for name in ("model", "pipeline", "generation", "ranking", "evaluation")}
+    except BadValue as e:
+        raise SELMError(f"{source(e.key)}: {e}") from None
     recipe = Recipe(
         path=path,
         stage=stage,
@@ -444,6 +513,7 @@ def parse_recipe(argv: list[str] | None = None, stage: str = "train") -> tuple[R
         num_processes=num_processes,
         training=groups["training"],
         explicit_keys=set(raw) | set(overrides),
+        base=base,
         **built,
     )
     if recipe.training.get("output_dir") in (None, ""):
@@ -458,9 +528,11 @@ def parse_recipe(argv: list[str] | None = None, stage: str = "train") -> tuple[R
 
 
 def _plan_value(path, key: str, value, convert):
-    """num_iterations / dpo_iteration_zero, converted like argparse will convert them later."""
+    """A value that shapes the plan (num_iterations, dpo_iteration_zero, ...), converted as argparse will convert it."""
+    if convert is int and (isinstance(value, bool) or (isinstance(value, float) and not value.is_integer())):
+        raise SELMError(f"{path}: '{key}' is {value!r}; expected a whole number")
     try:
-        return convert(value) if isinstance(value, str) or convert is int else bool(value)
+        return convert(value)
     except (TypeError, ValueError):
         raise SELMError(f"{path}: '{key}' is {value!r}; expected {'a whole number' if convert is int else 'true or false'}") from None
 
@@ -487,34 +559,49 @@ def main_guard(fn):
     return wrapper
 
 
-# Planned by the Makefile from the recipe file itself, so they cannot change through overrides.
-PLAN_KEYS = ("num_iterations", "dpo_iteration_zero")
+def merge_recipe_sources(argv: list[str], usage: str) -> tuple[Path, dict, str]:
+    """`RECIPE.yaml [--overlay PATH ...] [--key value ...]` -> (recipe path, merged mapping, where it came from).
 
-
-def freeze_recipe(argv: list[str], allow_plan_keys: bool = False) -> tuple[Path, str]:
-    """Merge RECIPE with `--key value` overrides into `<output_dir>/recipe.yaml` (see scripts/freeze_recipe.py).
-
-    Returns (frozen path, what happened). Raises SELMError for unknown keys, bad per-iteration lists, a plan key
-    among the overrides (unless `allow_plan_keys`: a sweep writes them into each run's own frozen recipe, which is
-    what the Makefile then plans from), or a frozen recipe that differs from this one.
+    Later sources win: the recipe, then each overlay file (e.g. recipes/rehearsal.yaml), then the command line.
+    Command-line values are YAML scalars or flow lists (`--learning_rate [5e-7,3e-7]`), never evaluated.
     """
-    from selm.io import atomic_path
-
     if not argv or argv[0].startswith("--"):
-        raise SELMError("usage: python scripts/freeze_recipe.py RECIPE.yaml --output_dir RUN_DIR [--key value ...]")
+        raise SELMError(f"usage: {usage}")
     source = Path(argv[0])
     recipe = load_recipe_yaml(source)
+    described = str(source)
     overrides = _split_cli(argv[1:])
+    for key, value in overrides:
+        if key == "overlay":
+            if value is None:
+                raise SELMError("command line: --overlay needs a recipe file")
+            recipe.update(load_recipe_yaml(value))
+            described += f" + {value}"
     if [k for k, _ in overrides].count("output_dir") > 1:
         raise SELMError("command line: 'output_dir' is the run directory; set it with RUN_DIR (or RUN_ROOT), not in ARGS")
     for key, value in overrides:
-        if key in PLAN_KEYS and not allow_plan_keys:
-            raise SELMError(f"command line: '{key}' shapes the plan; set it in the recipe file, not in ARGS")
-        recipe[key] = True if value is None else yaml.safe_load(value)
+        if key != "overlay":
+            recipe[key] = True if value is None else yaml.safe_load(value)
+    if any(k not in ("overlay", "output_dir") for k, _ in overrides):
+        described += " (with overrides)"
     if not recipe.get("output_dir"):
         raise SELMError(f"{source}: 'output_dir' (the run directory) is required")
-    frozen = Path(recipe["output_dir"]) / "recipe.yaml"
+    return source, recipe, described
 
+
+FREEZE_USAGE = "python scripts/freeze_recipe.py RECIPE.yaml [--overlay PATH] --output_dir RUN_DIR [--key value ...]"
+
+
+def freeze_recipe(argv: list[str]) -> tuple[Path, str]:
+    """Merge RECIPE, overlays and `--key value` overrides into `<output_dir>/recipe.yaml` (scripts/freeze_recipe.py).
+
+    Returns (frozen path, what happened). Raises SELMError for unknown keys, bad values or per-iteration lists (every
+    iteration is parsed before the file gets its final name), or a frozen recipe that differs from this one.
+    """
+    from selm.io import atomic_path
+
+    source, recipe, described = merge_recipe_sources(argv, FREEZE_USAGE)
+    frozen = Path(recipe["output_dir"]) / "recipe.yaml"
     if frozen.exists():
         previous = load_recipe_yaml(frozen)
         changed = sorted(k for k in set(previous) | set(recipe) if previous.get(k) != recipe.get(k))
@@ -526,13 +613,101 @@ def freeze_recipe(argv: list[str], allow_plan_keys: bool = False) -> tuple[Path,
             )
         return frozen, "using the frozen recipe"
 
-    first = 0 if recipe.get("dpo_iteration_zero") else 1
+    check_every_iteration(recipe, described)  # before anything is written
     with atomic_path(frozen) as tmp:
-        tmp.write_text(f"# Frozen from {source}; every stage of this run reads this file.\n"
+        tmp.write_text(f"# Frozen from {described}; every stage of this run reads this file.\n"
                        + yaml.safe_dump(recipe, sort_keys=False))
-        try:  # every key and per-iteration list, for every iteration, before the file gets its final name
-            for k in range(first, int(recipe.get("num_iterations", PipelineConfig.num_iterations)) + 1):
-                parse_recipe([str(tmp), "--iteration", str(k)], stage="freeze")
-        except SELMError as e:
-            raise SELMError(str(e).replace(str(tmp), f"{source} (with overrides)")) from None
     return frozen, "frozen"
+
+
+def check_every_iteration(recipe: dict, described: str) -> None:
+    """Parse a merged recipe mapping for each of its iterations (every key, type and per-iteration list)."""
+    for k in _plan_of(recipe, described)["iterations"]:
+        parse_recipe([described, "--iteration", str(k)], stage="freeze", raw=recipe)
+
+
+def _to_bool(value) -> bool:
+    """Recipe booleans as argparse reads them (transformers' string_to_bool): yes/no, true/false, t/f, y/n, 1/0."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).lower()
+    if text in ("yes", "true", "t", "y", "1"):
+        return True
+    if text in ("no", "false", "f", "n", "0"):
+        return False
+    raise ValueError(value)
+
+
+def _plan_of(recipe: dict, described: str) -> dict:
+    """The iteration structure of a merged recipe mapping: what the Makefile plans and parse_recipe resolves."""
+    n_iter = _plan_value(described, "num_iterations", recipe.get("num_iterations", PipelineConfig.num_iterations), int)
+    if n_iter < 1:
+        raise SELMError(f"{described}: 'num_iterations' is {n_iter}; it must be at least 1")
+    zero = _plan_value(described, "dpo_iteration_zero", recipe.get("dpo_iteration_zero", False), _to_bool)
+    iterations = list(range(0 if zero else 1, n_iter + 1))
+
+    def per_iteration(key, default, convert):
+        value = recipe.get(key, default)
+        values = value if isinstance(value, list) else [value] * len(iterations)
+        if len(values) != len(iterations):
+            raise SELMError(f"{described}: '{key}' has {len(values)} per-iteration values but the recipe has "
+                            f"{len(iterations)} iterations {iterations}")
+        return {k: _plan_value(described, key, v, convert) for k, v in zip(iterations, values)}
+
+    return {"iterations": iterations, "dpo_iteration_zero": zero,
+            "iteration_zero_dir": recipe.get("iteration_zero_dir"),
+            "evaluate": per_iteration("evaluate", False, _to_bool),
+            "tensor_parallel_size": per_iteration("tensor_parallel_size", 1, int)}
+
+
+PLAN_USAGE = ("python scripts/plan.py RECIPE.yaml [--overlay PATH] --output_dir RUN_DIR [--last_iteration K] "
+              "[--key value ...]")
+
+
+def run_plan(argv: list[str]) -> dict:
+    """What `make run` will do, from the same merge of recipe, overlays and overrides that the freeze step writes.
+
+    Reads and writes nothing but the recipe files (so `make -n` stays side-effect free). When the run directory
+    already has its frozen recipe, that file is the plan (the freeze step refuses a rerun that differs from it).
+    `--last_iteration K` (make's ITER) cuts the plan after iteration K; it must be one of the recipe's iterations.
+    """
+    last, rest = None, []
+    pairs = _split_cli(argv[1:]) if argv and not argv[0].startswith("--") else []
+    for key, value in pairs:
+        if key == "last_iteration":
+            last = value
+        else:
+            rest += [f"--{key}"] + ([] if value is None else [value])
+    source, recipe, described = merge_recipe_sources(argv[:1] + rest, PLAN_USAGE)
+    frozen = Path(recipe["output_dir"]) / "recipe.yaml"
+    if frozen.is_file():
+        recipe, described = load_recipe_yaml(frozen), str(frozen)
+    plan = _plan_of(recipe, described)
+    if last not in (None, ""):
+        if not str(last).isdigit() or int(last) not in plan["iterations"]:
+            raise SELMError(f"ITER={last}: {described} has iterations {plan['iterations']} (num_iterations "
+                            f"{plan['iterations'][-1]}); ITER is the last one to run")
+        plan["iterations"] = [k for k in plan["iterations"] if k <= int(last)]
+    run_dir = Path(recipe["output_dir"])
+    shared = plan["iteration_zero_dir"] if plan["dpo_iteration_zero"] else None
+    plan["iteration_zero_dir"] = str(shared or run_dir / "iter-0") if plan["dpo_iteration_zero"] else None
+    plan["base_dir"] = str(base_dir(run_dir, shared))
+    plan["run_dir"] = str(run_dir)
+    return plan
+
+
+def plan_as_make_words(plan: dict) -> str:
+    """The plan as `key=value` words for the Makefile ($(shell) joins lines; paths may not contain spaces)."""
+    for path in (plan["run_dir"], plan["iteration_zero_dir"] or "", plan["base_dir"]):
+        if any(c.isspace() for c in path):
+            raise SELMError(f"run directory {path!r} contains white space, which make cannot handle; choose another")
+    words = [f"iterations={','.join(map(str, plan['iterations']))}", f"run_dir={plan['run_dir']}",
+             f"base_dir={plan['base_dir']}"]
+    if plan["iteration_zero_dir"]:
+        words.append(f"iter0_dir={plan['iteration_zero_dir']}")
+    first = plan["iterations"][0]
+    words.append(f"evaluate_base={int(plan['evaluate'][first])}")
+    words.append(f"tp_base={plan['tensor_parallel_size'][first]}")
+    for k in plan["iterations"]:
+        words += [f"evaluate_{k}={int(plan['evaluate'][k])}", f"tp_{k}={plan['tensor_parallel_size'][k]}"]
+    return " ".join(words)

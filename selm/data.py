@@ -17,16 +17,28 @@ ROLES = ("system", "user", "assistant")
 
 
 def load_preference_data(name: str, split: str = "train", config: str | None = None, max_samples: int | None = None):
-    """Load a hub dataset split (slices allowed, e.g. 'train_prefs[:1000]') or a local json/jsonl/parquet file."""
+    """Load a split of preference data: a hub dataset, a local directory of split files, or one local file.
+
+    - hub id: `datasets.load_dataset(name, config, split=split)`; slices work ('train_prefs[:1000]');
+    - local directory: the split is the file `<dir>/<split>.jsonl` (or .json, .parquet), e.g. train_prefs.jsonl and
+      test_prefs.jsonl beside each other, like the hub's splits; slices work too;
+    - local .json/.jsonl/.parquet file: the file is the data, whatever the split.
+    """
     import datasets
 
     path = Path(name)
-    if path.suffix in LOCAL_FORMATS or path.exists():
+    if path.is_dir():
+        data_file, base = local_split_file(path, split)
+        dataset = _load(lambda: datasets.load_dataset(LOCAL_FORMATS[data_file.suffix], data_files={base: str(data_file)},
+                                                      split=split), f"{data_file} (split {split!r})")
+        source = str(data_file)
+    elif path.suffix in LOCAL_FORMATS or path.exists():
         if not path.is_file():
             raise SELMError(f"dataset file not found: {path}")
         if path.suffix not in LOCAL_FORMATS:
             raise SELMError(f"{path}: unsupported dataset format; use one of {sorted(LOCAL_FORMATS)}")
-        dataset = datasets.load_dataset(LOCAL_FORMATS[path.suffix], data_files=str(path), split="train")
+        dataset = _load(lambda: datasets.load_dataset(LOCAL_FORMATS[path.suffix], data_files=str(path), split="train"),
+                        str(path))
         source = str(path)
     else:
         try:
@@ -39,6 +51,29 @@ def load_preference_data(name: str, split: str = "train", config: str | None = N
         dataset = dataset.select(range(min(max_samples, len(dataset))))
     validate_preference_data(dataset, source)
     return dataset
+
+
+def local_split_file(directory: Path, split: str) -> tuple[Path, str]:
+    """(file, split name) of `split` (slice allowed) in a directory of split files; a missing split names the others."""
+    base = split.split("[", 1)[0].strip()
+    for suffix in LOCAL_FORMATS:
+        if (directory / f"{base}{suffix}").is_file():
+            return directory / f"{base}{suffix}", base
+    available = sorted({p.stem for p in directory.iterdir() if p.suffix in LOCAL_FORMATS and p.is_file()})
+    raise SELMError(f"{directory}: no split {base!r} (looked for {base}.jsonl, {base}.json, {base}.parquet; "
+                    f"splits here: {available or 'none'})")
+
+
+def _load(load, source: str):
+    """A local load whose parse error (bad JSON, bad slice, unreadable parquet) becomes one line naming the file."""
+    from datasets.exceptions import DatasetsError
+
+    try:
+        return load()
+    except (ValueError, OSError, DatasetsError) as e:
+        cause = e.__cause__ or e  # datasets wraps the parser's error in a generic "error while generating"
+        detail = str(cause).splitlines()[0] if str(cause) else "no detail"
+        raise SELMError(f"{source}: could not be read ({type(cause).__name__}: {detail})") from None
 
 
 def _check_messages(messages, source: str, row: int, column: str) -> None:
@@ -67,10 +102,18 @@ def validate_preference_data(dataset, source: str) -> None:
         raise SELMError(f"{source}: missing column '{missing[0]}' (the UltraFeedback schema needs {list(REQUIRED_COLUMNS)})")
     if len(dataset) == 0:
         raise SELMError(f"{source}: no rows")
+    first_row_of = {}  # prompt_id -> row: ranking, generation shards and the reports identify a prompt by it
     for row, example in enumerate(dataset.select_columns(list(REQUIRED_COLUMNS))):
         for column in ("prompt", "prompt_id"):
             if not isinstance(example[column], str):
                 raise SELMError(f"{source}: row {row}, column '{column}': expected a string")
+        prompt_id = example["prompt_id"]
+        if not prompt_id.strip():
+            raise SELMError(f"{source}: row {row}, column 'prompt_id': empty; every row needs its own id")
+        if prompt_id in first_row_of:
+            raise SELMError(f"{source}: rows {first_row_of[prompt_id]} and {row} have the same prompt_id "
+                            f"{prompt_id!r}; prompt_ids must be unique (drop or rename the duplicate)")
+        first_row_of[prompt_id] = row
         for column in ("chosen", "rejected"):
             _check_messages(example[column], source, row, column)
         if example["chosen"][:-1] != example["rejected"][:-1]:
@@ -140,9 +183,13 @@ def ensure_portion(recipe):
 
 
 def read_parquet_dataset(path):
-    """A parquet artifact of a run as a `datasets.Dataset`; a missing file is a one-line error naming it."""
+    """A parquet artifact of a run as an in-memory `datasets.Dataset`.
+
+    A missing, truncated or damaged file is a one-line error naming it (selm.io.read_parquet checks the page
+    checksums). In memory: no copy is written to the datasets cache, and a 0-row file is read like any other.
+    """
     import datasets
 
-    if not Path(path).is_file():
-        raise SELMError(f"missing input: {path} (run the previous stage first)")
-    return datasets.Dataset.from_parquet(str(path))
+    from selm.io import read_parquet
+
+    return datasets.Dataset(read_parquet(path))

@@ -45,6 +45,19 @@ def check_model_path(model_path: str) -> None:
                         f"({str(e).splitlines()[0]})") from None
 
 
+def check_start_model(recipe) -> None:
+    """The model an iteration starts from must exist before a stage does any work with it (one line if not)."""
+    model_path = recipe.start_model
+    if recipe.iteration > recipe.pipeline.first_iteration and not Path(model_path).is_dir():
+        raise SELMError(f"model directory not found: {model_path} (iteration {recipe.iteration} starts from the "
+                        f"model trained in iteration {recipe.iteration - 1}: run its train stage first)")
+    try:
+        check_model_path(model_path)
+    except SELMError as e:
+        raise SELMError(f"{e} (model_name_or_path in {recipe.path})" if model_path == recipe.model.model_name_or_path
+                        else str(e)) from None
+
+
 def _eos_ids(tokenizer, model_path: str, trust_remote_code: bool) -> list[int]:
     """The tokenizer's EOS plus every EOS id of the model's generation config, in that order, deduplicated."""
     from transformers import GenerationConfig
@@ -88,13 +101,7 @@ class Generator:
 
         if settings.generation_backend not in ("hf", "vllm"):
             raise SELMError(f"generation_backend is {settings.generation_backend!r}; expected 'hf' or 'vllm'")
-        if settings.num_responses < 1:
-            raise SELMError(f"num_responses must be at least 1, got {settings.num_responses}")
-        if settings.num_responses > 1 and settings.temperature <= 0:
-            raise SELMError(f"num_responses {settings.num_responses} with temperature {settings.temperature}: greedy "
-                            "decoding gives identical responses; set temperature > 0")
-        if settings.max_new_tokens < 1:
-            raise SELMError(f"max_new_tokens must be at least 1, got {settings.max_new_tokens}")
+        # the sampling settings were checked when GenerationArguments was built (selm.configs.LIMITS)
         check_model_path(model_path)
         self.model_path, self.settings = str(model_path), settings
         self.dtype = None if dtype in (None, "auto") else str(dtype)
@@ -259,6 +266,8 @@ class _VLLMBackend:
                       seed=s.generation_seed, dtype=gen.dtype or "auto")
         if s.max_model_len:
             kwargs["max_model_len"] = s.max_model_len
+        if s.vllm_enforce_eager:
+            kwargs["enforce_eager"] = True
         kwargs.update(gen.engine_kwargs)
         self.llm = vllm.LLM(**kwargs)
 
@@ -349,7 +358,10 @@ def _check_signature(shard_dir: Path, signature: dict) -> None:
 
     path = shard_dir / "settings.json"
     if path.is_file():
-        old = json.loads(path.read_text())
+        try:
+            old = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise SELMError(f"{path}: not valid JSON ({e}); delete {shard_dir} and rerun the stage") from None
         changed = [k for k in signature if old.get(k) != signature[k]]
         if changed:
             k = changed[0]
@@ -357,6 +369,64 @@ def _check_signature(shard_dir: Path, signature: dict) -> None:
                             f"{k}={signature[k]!r}; restore the setting, or delete the directory to start over")
     else:
         write_text(path, json.dumps(signature, indent=1))
+
+
+def generate_in_shards(model_path: str, settings, conversations: list[list[dict]], names: list[str], shard_dir: Path,
+                       signature: dict, generator_kwargs: dict) -> tuple[list[list[str]], int]:
+    """(num_responses responses per conversation, the number of processes that generated the pending shards).
+
+    Resumable: shards of generation_shard_size prompts are written
+    atomically to `shard_dir` as they finish and a rerun skips the finished ones (`signature` must then match).
+
+    Every prompt is encoded and length-checked before anything is written. With the vllm backend and
+    data_parallel_size > 1 the pending shards are spread over one process per replica. The caller removes
+    `shard_dir` once it has written its own output.
+    """
+    from selm.io import read_parquet
+
+    size = settings.generation_shard_size  # >= 1: GenerationArguments checks it
+    with Generator(model_path, settings, **generator_kwargs) as gen:
+        encoded = gen.encode(conversations)  # once: the length check and every shard use these ids
+        gen.check_lengths(encoded, names)  # every prompt, before anything is written
+        shards = [(k, start, encoded[start:start + size], names[start:start + size])
+                  for k, start in enumerate(range(0, len(names), size))]
+        pending = [s for s in shards if not _shard_path(shard_dir, s[0]).exists()]
+        for k, *_ in shards:  # a damaged shard is named now, not after hours of generating the others
+            if _shard_path(shard_dir, k).exists():
+                read_parquet(_shard_path(shard_dir, k))
+        shard_dir.mkdir(parents=True, exist_ok=True)
+        _check_signature(shard_dir, signature)
+        if pending and len(pending) < len(shards):
+            print(f"generate: resuming, {len(shards) - len(pending)} of {len(shards)} shards already in {shard_dir}")
+        start, workers = time.perf_counter(), 1 if pending else 0
+        if settings.generation_backend == "vllm" and settings.data_parallel_size > 1 and len(pending) > 1:
+            from selm.parallel import run_sharded
+
+            workers = min(settings.data_parallel_size, len(pending))
+            print(f"generate: {len(pending)} shards over {workers} vLLM replicas (one process each)", flush=True)
+            run_sharded(_shard_worker, pending, workers,
+                        devices_per_worker=settings.tensor_parallel_size, model_path=model_path,
+                        settings=settings, shard_dir=str(shard_dir), **generator_kwargs)
+        else:
+            _write_shards(gen, pending, shard_dir)
+    if pending:
+        print(f"generate: {sum(len(s[3]) for s in pending)} prompts in {time.perf_counter() - start:.1f} s")
+
+    responses = []
+    for k, _, _, shard_names in shards:
+        shard = read_parquet(_shard_path(shard_dir, k)).to_pydict()
+        if shard["prompt_id"] != shard_names:
+            raise SELMError(f"{_shard_path(shard_dir, k)}: its prompt_ids do not match this run's prompts; delete "
+                            f"{shard_dir} to start over")
+        responses += shard["responses"]
+    return responses, workers
+
+
+def generator_kwargs(recipe, engine_kwargs: dict | None = None, progress: bool = True) -> dict:
+    """`Generator` keyword arguments from a recipe's model settings."""
+    return dict(dtype=recipe.model.dtype, attn_implementation=recipe.model.attn_implementation,
+                trust_remote_code=bool(recipe.training.get("trust_remote_code", False)),
+                engine_kwargs=engine_kwargs, progress=progress)
 
 
 def generate_stage(recipe, engine_kwargs: dict | None = None, progress: bool = True) -> Path:
@@ -368,10 +438,9 @@ def generate_stage(recipe, engine_kwargs: dict | None = None, progress: bool = T
     import shutil
 
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     from selm.data import ensure_portion, prompt_messages
-    from selm.io import write_parquet
+    from selm.io import read_parquet, write_parquet
 
     if recipe.is_generation_free:
         raise SELMError(f"{recipe.path}: iteration 0 of a dpo_iteration_zero recipe trains on the original pairs; "
@@ -380,60 +449,22 @@ def generate_stage(recipe, engine_kwargs: dict | None = None, progress: bool = T
     if out.exists():  # complete by construction (atomic write)
         return out
     settings, model_path = recipe.generation, recipe.start_model
-    if recipe.iteration > recipe.pipeline.first_iteration and not Path(model_path).is_dir():
-        raise SELMError(f"model directory not found: {model_path} (iteration {recipe.iteration} starts from the "
-                        f"model trained in iteration {recipe.iteration - 1}: run its train stage first)")
-    check_model_path(model_path)  # before writing anything
+    check_start_model(recipe)  # before writing anything
     portion_path = ensure_portion(recipe)
-    table = pq.read_table(portion_path)
+    table = read_parquet(portion_path)
     if table.num_rows == 0:
         raise SELMError(f"{portion_path}: zero rows, nothing to generate")
     rows = table.select(["prompt_id", "chosen"]).to_pylist()
     names = [r["prompt_id"] for r in rows]
-    conversations = [prompt_messages(r) for r in rows]
-
-    size = settings.generation_shard_size
-    if size < 1:
-        raise SELMError(f"generation_shard_size must be at least 1, got {size}")
     shard_dir = out.parent / "generated.shards"
     signature = {"model": model_path, "rows": len(rows), "first_prompt_id": names[0], "last_prompt_id": names[-1],
                  **{k: getattr(settings, k) for k in SIGNATURE_KEYS}}
-    kwargs = dict(dtype=recipe.model.dtype, attn_implementation=recipe.model.attn_implementation,
-                  trust_remote_code=bool(recipe.training.get("trust_remote_code", False)),
-                  engine_kwargs=engine_kwargs, progress=progress)
-    with Generator(model_path, settings, **kwargs) as gen:
-        encoded = gen.encode(conversations)  # once: the length check and every shard use these ids
-        gen.check_lengths(encoded, names)  # every prompt, before anything is written
-        shards = [(k, start, encoded[start:start + size], names[start:start + size])
-                  for k, start in enumerate(range(0, len(rows), size))]
-        pending = [s for s in shards if not _shard_path(shard_dir, s[0]).exists()]
-        shard_dir.mkdir(parents=True, exist_ok=True)
-        _check_signature(shard_dir, signature)
-        if pending and len(pending) < len(shards):
-            print(f"generate: resuming, {len(shards) - len(pending)} of {len(shards)} shards already in {shard_dir}")
-        start = time.perf_counter()
-        if settings.generation_backend == "vllm" and settings.data_parallel_size > 1 and len(pending) > 1:
-            from selm.parallel import run_sharded
-
-            run_sharded(_shard_worker, pending, min(settings.data_parallel_size, len(pending)),
-                        devices_per_worker=settings.tensor_parallel_size, model_path=model_path,
-                        settings=settings, shard_dir=str(shard_dir), **kwargs)
-        else:
-            _write_shards(gen, pending, shard_dir)
-    if pending:
-        print(f"generate: {sum(len(s[3]) for s in pending)} prompts in {time.perf_counter() - start:.1f} s")
-
-    responses = []
-    for k, _, _, shard_names in shards:
-        shard = pq.read_table(_shard_path(shard_dir, k)).to_pydict()
-        if shard["prompt_id"] != shard_names:
-            raise SELMError(f"{_shard_path(shard_dir, k)}: its prompt_ids do not match {portion_path}; delete "
-                            f"{shard_dir} to start over")
-        responses += shard["responses"]
+    responses, workers = generate_in_shards(model_path, settings, [prompt_messages(r) for r in rows], names,
+                                            shard_dir, signature, generator_kwargs(recipe, engine_kwargs, progress))
     table = table.append_column("reference_response", pa.array([r[0] for r in responses], pa.string()))
     table = table.append_column("responses", pa.array(responses, pa.list_(pa.string())))
     write_parquet(table, out, metadata={
-        "model": model_path, "iteration": recipe.iteration, "rows": len(rows),
+        "model": model_path, "iteration": recipe.iteration, "rows": len(rows), "workers": workers,
         **{k: getattr(settings, k) for k in SIGNATURE_KEYS if k != "generation_shard_size"},
     })
     shutil.rmtree(shard_dir)

@@ -413,7 +413,6 @@ def run_ranking_stage(recipe, device: str | None = None, num_workers: int | None
     import json
 
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     from selm.data import read_parquet_dataset, validate_preference_data
     from selm.io import write_parquet, write_text
@@ -426,8 +425,6 @@ def run_ranking_stage(recipe, device: str | None = None, num_workers: int | None
     if final.exists():
         print(f"{final} exists: ranking of iteration {recipe.iteration} is done, nothing to do")
         return None
-    if source.is_file() and pq.ParquetFile(source).metadata.num_rows == 0:  # datasets cannot read a 0-row file
-        raise SELMError(f"{source}: no rows")
     dataset = read_parquet_dataset(source)
     validate_preference_data(dataset, str(source))
     if "reference_response" not in dataset.column_names:

@@ -5,7 +5,16 @@ import re
 from pathlib import Path
 
 from selm.errors import SELMError
-from selm.io import atomic_path, write_text
+from selm.io import atomic_path, parquet_num_rows, read_parquet, write_text
+
+
+def _shared_iteration_zero(run_dir: Path) -> str | None:
+    """The frozen recipe's shared iteration-0 directory, when the run has one."""
+    import yaml
+
+    frozen = run_dir / "recipe.yaml"
+    recipe = (yaml.safe_load(frozen.read_text()) or {}) if frozen.exists() else {}
+    return recipe.get("iteration_zero_dir") if recipe.get("dpo_iteration_zero") else None
 
 
 def _iteration_dirs(run_dir: Path) -> list[tuple[int, Path]]:
@@ -13,21 +22,14 @@ def _iteration_dirs(run_dir: Path) -> list[tuple[int, Path]]:
     for path in run_dir.iterdir():
         if m := re.fullmatch(r"iter-(\d+)", path.name):
             found.append((int(m[1]), path.resolve()))
-    import yaml
-
-    frozen = run_dir / "recipe.yaml"
-    shared = frozen.exists() and (yaml.safe_load(frozen.read_text()) or {}).get("iteration_zero_dir")
+    shared = _shared_iteration_zero(run_dir)
     if shared and Path(shared).is_dir() and 0 not in dict(found):
         found.append((0, Path(shared).resolve()))
     return sorted(found)
 
 
 def _rows(path: Path) -> int | None:
-    if not path.exists():
-        return None
-    import pyarrow.parquet as pq
-
-    return pq.ParquetFile(path).metadata.num_rows
+    return parquet_num_rows(path) if path.exists() else None
 
 
 def iteration_summary(k: int, d: Path) -> dict:
@@ -46,17 +48,47 @@ def iteration_summary(k: int, d: Path) -> dict:
     return out
 
 
+def held_out(run_dir: Path) -> list[dict]:
+    """The held-out evaluations of a run, base first, then by iteration: [{iteration, dir, metrics}, ...]."""
+    from selm.evaluation import read_metrics
+
+    from selm.configs import base_dir
+
+    found = [("base", base_dir(run_dir, _shared_iteration_zero(run_dir)) / "eval")]
+    found += [(k, d / "eval") for k, d in _iteration_dirs(run_dir)]
+    return [{"iteration": k, "dir": str(d), "metrics": m} for k, d in found if (m := read_metrics(d)) is not None]
+
+
 def summarize_run(run_dir) -> dict:
-    """Write summary.json, summary.md and (with matplotlib) summary.png into the run directory; return the summary."""
+    """Write summary.json, summary.md and the PNGs (summary.png; eval_metric.png and eval_rewards.png when the run
+    was evaluated) into the run directory; return the summary."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise SELMError(f"run directory not found: {run_dir}")
     iterations = [iteration_summary(k, d) for k, d in _iteration_dirs(run_dir)]
-    summary = {"run_dir": str(run_dir), "iterations": iterations}
+    evaluations = held_out(run_dir)
+    summary = {"run_dir": str(run_dir), "held_out": [{"iteration": e["iteration"], **_metric_row(e["metrics"])}
+                                                     for e in evaluations], "iterations": iterations}
     write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
     write_text(run_dir / "summary.md", to_markdown(summary))
     _plot(run_dir, iterations)
+    if evaluations:
+        from selm.plots import plot_metric_per_iteration, plot_reward_distributions
+
+        name = run_dir.name
+        plot_metric_per_iteration({name: evaluations}, run_dir / "eval_metric.png",
+                                  title=f"Held-out metric per iteration: {name}")
+        plot_reward_distributions({"base model" if e["iteration"] == "base" else f"iteration {e['iteration']}": e["dir"]
+                                   for e in evaluations},
+                                  run_dir / "eval_rewards.png", xlabel=evaluations[0]["metrics"]["reward"],
+                                  title=f"Held-out reward distribution per iteration: {name}")
     return summary
+
+
+def _metric_row(metrics: dict) -> dict:
+    """The few numbers of an evaluation that tables show."""
+    return {k: metrics.get(k) for k in ("metric", "mean", "sem", "win_rate", "num_prompts", "empty_answers",
+                                        "mean_answer_tokens", "model")}
 
 
 def _fmt(value, digits=3):
@@ -65,8 +97,21 @@ def _fmt(value, digits=3):
     return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
 
+def held_out_markdown(rows: list[dict]) -> list[str]:
+    """The held-out table: one line per evaluated iteration, base first."""
+    if not rows:
+        return []
+    lines = [f"Held-out evaluation ({rows[0]['metric']}; win rate against the reference answer, ties half):", "",
+             "| iter | mean ± s.e. | win rate | prompts | empty answers | mean answer tokens |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['iteration']} | {r['mean']:.4f} ± {r['sem']:.4f} | {r['win_rate']:.3f} | {r['num_prompts']} "
+                     f"| {r['empty_answers']} | {r['mean_answer_tokens']:.1f} |")
+    return lines + [""]
+
+
 def to_markdown(summary: dict) -> str:
-    lines = [f"# {summary['run_dir']}", "",
+    lines = [f"# {summary['run_dir']}", ""] + held_out_markdown(summary.get("held_out", [])) + [
              "| iter | portion | generated | ranked | generated chosen | generated rejected | mean score gen / chosen / rejected | train steps | last loss | model |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for it in summary["iterations"]:
@@ -89,7 +134,6 @@ def _plot(run_dir: Path, iterations: list[dict]) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import pyarrow.parquet as pq
 
     ranked = [(it["iteration"], Path(it["dir"]) / "ranked.parquet") for it in iterations]
     ranked = [(k, p) for k, p in ranked if p.exists()]
@@ -99,7 +143,7 @@ def _plot(run_dir: Path, iterations: list[dict]) -> None:
         return
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for k, path in ranked:
-        rows = pq.read_table(path, columns=["scores", "chosen_index", "rejected_index"]).to_pylist()
+        rows = read_parquet(path, columns=["scores", "chosen_index", "rejected_index"]).to_pylist()
         axes[0].hist([r["scores"][0] for r in rows], bins=20, alpha=0.5, label=f"iter {k}: generated")
     axes[0].set(title="Ranker score of the generated response", xlabel="score", ylabel="rows")
     for k, path in logs:

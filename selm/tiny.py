@@ -38,11 +38,16 @@ def _task(rng: random.Random) -> tuple[str, str, str]:
     )
 
 
-def fixture_rows(num_rows: int = 100, seed: int = 0) -> list[dict]:
-    """Deterministic rows in the UltraFeedback schema; every 5th is multi-turn, every 7th has a system message."""
+def fixture_rows(num_rows: int = 100, seed: int = 0, exclude_prompts=(), id_prefix: str = "fixture") -> list[dict]:
+    """Deterministic rows in the UltraFeedback schema; every 5th is multi-turn, every 7th has a system message.
+
+    Rows whose final question is in `exclude_prompts` are skipped (a held-out split never repeats a training prompt).
+    """
     rng = random.Random(seed)
+    exclude = set(exclude_prompts)
     rows = []
-    for i in range(num_rows):
+    while len(rows) < num_rows:
+        i = len(rows)
         question, good, bad = _task(rng)
         history = []
         if i % 7 == 3:
@@ -50,12 +55,14 @@ def fixture_rows(num_rows: int = 100, seed: int = 0) -> list[dict]:
         if i % 5 == 4:
             q0, a0, _ = _task(rng)
             history += [{"role": "user", "content": q0}, {"role": "assistant", "content": a0}]
+        if question in exclude:
+            continue
         history.append({"role": "user", "content": question})
         chosen = history + [{"role": "assistant", "content": good}]
         rejected = history + [{"role": "assistant", "content": bad}]
         rows.append({
             "prompt": question,
-            "prompt_id": f"fixture-{i:04d}",
+            "prompt_id": f"{id_prefix}-{i:04d}",
             "chosen": chosen,
             "rejected": rejected,
             "messages": chosen,
@@ -63,6 +70,13 @@ def fixture_rows(num_rows: int = 100, seed: int = 0) -> list[dict]:
             "score_rejected": 3.0,
         })
     return rows
+
+
+def fixture_splits(num_train: int = 100, num_test: int = 40, seed: int = 0) -> dict[str, list[dict]]:
+    """{'train_prefs': rows, 'test_prefs': held-out rows}: the held-out questions never occur in the training rows."""
+    train = fixture_rows(num_train, seed)
+    test = fixture_rows(num_test, seed + 1, exclude_prompts={r["prompt"] for r in train}, id_prefix="fixture-test")
+    return {"train_prefs": train, "test_prefs": test}
 
 
 def _expected_answer(question: str) -> str | None:

@@ -57,13 +57,13 @@ def _column_names(dataset) -> list[str]:
     return list(names)
 
 
-def _row_lengths(dataset) -> np.ndarray:
-    """Longest of the three sequences per row, read as Arrow list lengths (no token lists in Python)."""
+def _row_lengths(dataset, groups=GROUPS) -> np.ndarray:
+    """Longest of a row's sequences, read as Arrow list lengths (no token lists in Python)."""
     import pyarrow.compute as pc
 
     parts = []
     for batch in dataset.with_format("arrow").iter(batch_size=8192):
-        completions = [pc.list_value_length(batch[f"{g}_ids"]).to_numpy() for g in GROUPS]
+        completions = [pc.list_value_length(batch[f"{g}_ids"]).to_numpy() for g in groups]
         parts.append(pc.list_value_length(batch["prompt_ids"]).to_numpy() + np.max(completions, axis=0))
     return np.concatenate(parts)
 
@@ -371,14 +371,16 @@ class SELMTrainer(DPOTrainer):
         return token_logps.sum(dim=1), outputs
 
     def _precompute_ref_logps(self, dataset, name, batch_size):
-        if REFERENCE not in _column_names(dataset):
-            return super()._precompute_ref_logps(dataset, name, batch_size)
+        # DPO rows (no reference column) come here too: trl 1.16 hands its results between processes through a cache
+        # file that, for an in-memory dataset, lies in a per-process temporary directory, so the other ranks of a
+        # multi-process launch cannot open it (seen: FileNotFoundError on rank 1, ZeRO-3 over 2 processes).
         if isinstance(dataset, IterableDataset):
             raise SELMError("precompute_ref_log_probs: true needs a map-style dataset, not a streaming one")
+        groups = GROUPS if REFERENCE in _column_names(dataset) else GROUPS[:2]
         # Scored in order of length, so a batch holds rows of similar length and little padding: this is what makes
         # the precompute pass cheaper than the reference forwards it replaces. Scattered back to row order below.
-        order = np.argsort(-_row_lengths(dataset), kind="stable")
-        token_columns = ["prompt_ids", "chosen_ids", "rejected_ids", "reference_ids"]
+        order = np.argsort(-_row_lengths(dataset, groups), kind="stable")
+        token_columns = ["prompt_ids"] + [f"{g}_ids" for g in groups]
         loader = DataLoader(dataset.select_columns(token_columns).select(order), batch_size=batch_size,
                             collate_fn=self.data_collator, shuffle=False,
                             num_workers=self.args.dataloader_num_workers, pin_memory=self.args.dataloader_pin_memory)
@@ -392,7 +394,7 @@ class SELMTrainer(DPOTrainer):
             model = self.ref_model if self.ref_model is not None else self.model
         was_training = model.training
         model.eval()
-        scores = [[] for _ in GROUPS]
+        scores = [[] for _ in groups]
         for batch in loader:
             for i, logps in enumerate(self.accelerator.gather_for_metrics(self.compute_ref_log_probs(model, batch))):
                 scores[i].append(logps.float().cpu())
@@ -404,7 +406,7 @@ class SELMTrainer(DPOTrainer):
             self._precompute_engine = None
         inverse = np.argsort(order)
         # Every process holds the gathered scores, so each adds the columns itself: no shared cache file needed.
-        for group, group_scores in zip(GROUPS, scores):
+        for group, group_scores in zip(groups, scores):
             dataset = dataset.add_column(f"ref_{group}_logps", torch.cat(group_scores).numpy()[inverse].tolist())
         return dataset
 
@@ -521,3 +523,18 @@ class SELMTrainer(DPOTrainer):
             })
         for key, value in per_example.items():
             metrics[key].append(acc.gather(value.float()).mean().item())
+
+
+def completion_logps(model, tokenizer, dataset, args):
+    """Token-summed log-probs of every row's completions under `model`, computed exactly as in training.
+
+    The trainer's own reference pass does it: `precompute_ref_log_probs` with the model itself as the reference.
+    Returns the prepared dataset with `ref_chosen_logps`, `ref_rejected_logps` (and `ref_reference_logps` when the
+    rows have a `reference_response`) columns; other columns (e.g. `prompt_id`) are kept to pair rows back, since
+    rows the trainer's length rules drop are absent.
+    """
+    import dataclasses
+
+    args = dataclasses.replace(args, precompute_ref_log_probs=True)
+    trainer = SELMTrainer(model, ref_model=None, args=args, train_dataset=dataset, processing_class=tokenizer)
+    return trainer.train_dataset

@@ -19,13 +19,22 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="session")
-def fixture_file(tmp_path_factory):
-    """The 100-row fixture in the UltraFeedback schema, as JSON lines."""
-    from selm.tiny import fixture_rows
+def fixture_dir(tmp_path_factory):
+    """The fixture in the UltraFeedback schema as a directory of splits: train_prefs.jsonl (100 rows) and
+    test_prefs.jsonl (40 held-out rows whose questions never occur in train_prefs)."""
+    from selm.tiny import fixture_splits
 
-    path = tmp_path_factory.mktemp("data") / "fixture.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in fixture_rows(100)))
+    path = tmp_path_factory.mktemp("data") / "fixture"
+    path.mkdir()
+    for split, rows in fixture_splits(100, 40).items():
+        (path / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+@pytest.fixture(scope="session")
+def fixture_file(fixture_dir):
+    """The fixture's 100 training rows, as one JSON-lines file."""
+    return fixture_dir / "train_prefs.jsonl"
 
 
 @pytest.fixture(scope="session")
@@ -36,6 +45,16 @@ def tiny_model_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("models") / "tiny-llama"
     save_tiny_model(path)
     return path
+
+
+def script_main(name: str):
+    """`main` of scripts/<name>.py, loaded as a module (scripts/ is not a package): runs a stage in this process."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"selm_{name}_script", REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
 
 
 def write_smoke_recipe(directory: Path, model_dir, data_file, **overrides) -> Path:
@@ -51,10 +70,58 @@ def write_smoke_recipe(directory: Path, model_dir, data_file, **overrides) -> Pa
 
 
 @pytest.fixture
-def smoke_recipe(tmp_path, fixture_file, tiny_model_dir):
+def smoke_recipe(tmp_path, fixture_dir, tiny_model_dir):
     """Returns a function taking {key: value} overrides and returning the path of a smoke recipe in tmp_path."""
 
     def make(**overrides):
-        return write_smoke_recipe(tmp_path, tiny_model_dir, fixture_file, **overrides)
+        return write_smoke_recipe(tmp_path, tiny_model_dir, fixture_dir, **overrides)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def tiny_pairrm_dir(tmp_path_factory):
+    from selm.tiny_ranker import save_tiny_pairrm
+
+    path = tmp_path_factory.mktemp("rankers") / "tiny-pairrm"
+    save_tiny_pairrm(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_rm_dir(tmp_path_factory):
+    from selm.tiny_ranker import save_tiny_reward_model
+
+    path = tmp_path_factory.mktemp("rankers") / "tiny-rm"
+    save_tiny_reward_model(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def varied_model_dir(tmp_path_factory):
+    """The tiny Llama with an untied, larger-scale output layer, so greedy output depends on the prompt.
+
+    The session's tiny model (tied embeddings, small init) greedily repeats the last prompt token for every
+    prompt; order and agreement checks need outputs that differ between prompts, with clear top-1 margins.
+    """
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from selm.tiny import build_model, build_tokenizer
+
+    tokenizer = build_tokenizer()
+    base = build_model(tokenizer, seed=1)
+    config = base.config
+    config.tie_word_embeddings = False
+    torch.manual_seed(1)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        model.lm_head.weight.normal_(0, 3.0)
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(4)
+            layer.self_attn.k_proj.weight.mul_(4)
+    model.generation_config = base.generation_config
+    path = tmp_path_factory.mktemp("models") / "varied-llama"
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

@@ -139,7 +139,7 @@ def test_freeze_writes_once_and_refuses_a_changed_rerun(tmp_path):
     with pytest.raises(SELMError, match=r"\(with overrides\): unknown key 'alpah'"):
         freeze_recipe([str(REPO / "recipes/smoke/selm.yaml"), "--output_dir", str(tmp_path / "r2"), "--alpah", "1"])
     assert not (tmp_path / "r2" / "recipe.yaml").exists()
-    with pytest.raises(SELMError, match="'num_iterations' shapes the plan"):
+    with pytest.raises(SELMError, match=r"started with other settings \(num_iterations: 2 -> 5\)"):
         freeze_recipe(args + ["--num_iterations", "5"])
     with pytest.raises(SELMError, match="'output_dir' is the run directory; set it with RUN_DIR"):
         freeze_recipe(args + ["--output_dir", str(tmp_path / "elsewhere")])
@@ -169,11 +169,40 @@ def test_stage_script_error_is_one_line_and_nonzero(tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode == 2
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert errors == [f"error: {path} (with overrides): unknown key 'alpah' (did you mean 'alpha'?)"]
+    assert errors == [f"error: {path}: unknown key 'alpah' (did you mean 'alpha'?)"]
     assert "Traceback" not in proc.stderr
 
 
-def test_sweep_expands_one_frozen_run_per_combination_including_iteration_counts(tmp_path):
+def test_plan_is_what_the_stages_resolve_whatever_overlays_comments_and_args_say(tmp_path):
+    from selm.configs import plan_as_make_words, run_plan
+
+    recipe = write(tmp_path, "model_name_or_path: m\noutput_dir: o\nnum_iterations: 2  # not 3\n"
+                             "# num_iterations: 9\nevaluate: [false, true]\ntensor_parallel_size: 2\n")
+    overlay = tmp_path / "overlay.yaml"
+    overlay.write_text("num_iterations: 3\ndpo_iteration_zero: true\nevaluate: true\n")
+    argv = [str(recipe), "--overlay", str(overlay), "--output_dir", str(tmp_path / "run"), "--tensor_parallel_size", "4"]
+    plan = run_plan(argv + ["--last_iteration", "2"])
+    assert plan["iterations"] == [0, 1, 2] and plan["iteration_zero_dir"] == str(tmp_path / "run" / "iter-0")
+    assert plan["evaluate"] == {0: True, 1: True, 2: True, 3: True} and plan["tensor_parallel_size"][3] == 4
+    words = plan_as_make_words(plan).split()
+    assert "iterations=0,1,2" in words and "evaluate_base=1" in words and "tp_1=4" in words
+    # the stages read the same values from the frozen merge
+    from selm.configs import freeze_recipe
+
+    frozen, _ = freeze_recipe(argv)
+    for k in (0, 1, 2, 3):
+        r, _ = parse_recipe([str(frozen), "--iteration", str(k)])
+        assert r.pipeline.iterations == [0, 1, 2, 3] and r.evaluation.evaluate and r.generation.tensor_parallel_size == 4
+    assert run_plan([str(recipe), "--output_dir", str(tmp_path / "run")])["iterations"] == [0, 1, 2, 3]  # frozen wins
+    with pytest.raises(SELMError, match=r"ITER=4: .* has iterations \[0, 1, 2, 3\]"):
+        run_plan(argv + ["--last_iteration", "4"])
+    with pytest.raises(SELMError, match="'num_iterations' is 0; it must be at least 1"):
+        run_plan([str(recipe), "--output_dir", str(tmp_path / "other"), "--num_iterations", "0"])
+    with pytest.raises(SELMError, match="'evaluate' has 2 per-iteration values but the recipe has 3 iterations"):
+        run_plan([str(recipe), "--output_dir", str(tmp_path / "other"), "--num_iterations", "3"])
+
+
+def test_sweep_expands_one_checked_run_per_combination_including_iteration_counts(tmp_path):
     from selm.sweep import expand
 
     base = yaml.safe_load((REPO / "recipes/smoke/selm.yaml").read_text()) | {"learning_rate": 5.0e-4}
@@ -182,12 +211,21 @@ def test_sweep_expands_one_frozen_run_per_combination_including_iteration_counts
     sweep.write_text(yaml.safe_dump({"recipe": str(tmp_path / "base.yaml"), "output_root": str(tmp_path / "runs"),
                                      "grid": {"num_iterations": [1, 3], "alpha": [0.0, 0.001]}}, sort_keys=False))
     runs = expand(sweep)
-    assert [d.name for _, d in runs] == ["num_iterations-1_alpha-0.0", "num_iterations-1_alpha-0.001",
-                                         "num_iterations-3_alpha-0.0", "num_iterations-3_alpha-0.001"]
-    frozen = [yaml.safe_load(f.read_text()) for f, _ in runs]
-    assert [(f["num_iterations"], f["alpha"], f["output_dir"]) for f in frozen] == [
-        (n, a, str(d)) for (n, a), (_, d) in zip([(1, 0.0), (1, 0.001), (3, 0.0), (3, 0.001)], runs)]
-    assert expand(sweep) == runs  # a rerun reuses the frozen runs: a sweep resumes like a run
+    assert [d.name for _, d, _ in runs] == ["num_iterations-1_alpha-0.0", "num_iterations-1_alpha-0.001",
+                                            "num_iterations-3_alpha-0.0", "num_iterations-3_alpha-0.001"]
+    assert [args for _, _, args in runs] == [["--num_iterations", str(n), "--alpha", str(a)]
+                                             for n, a in [(1, 0.0), (1, 0.001), (3, 0.0), (3, 0.001)]]
+    assert not (tmp_path / "runs").exists()  # expanding writes nothing: each run freezes itself when it starts
+    # the overrides freeze to the combination's values
+    from selm.configs import freeze_recipe
+
+    recipe, run_dir, args = runs[3]
+    frozen = yaml.safe_load(freeze_recipe([recipe, "--output_dir", str(run_dir), *args])[0].read_text())
+    assert (frozen["num_iterations"], frozen["alpha"], frozen["output_dir"]) == (3, 0.001, str(run_dir))
+    grid = {"recipe": str(tmp_path / "base.yaml"), "output_root": "o", "grid": {"learning_rate": [[1e-3, 2e-3, 3e-3]]}}
+    sweep.write_text(yaml.safe_dump(grid))
+    with pytest.raises(SELMError, match="'learning_rate' has 3 per-iteration values but the recipe has 2 iterations"):
+        expand(sweep)  # every combination is checked before anything runs
     with pytest.raises(SELMError, match="unknown key 'gird'"):
         sweep.write_text(yaml.safe_dump({"recipe": "r", "output_root": "o", "gird": {}}))
         expand(sweep)

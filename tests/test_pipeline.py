@@ -1,6 +1,7 @@
 """The pipeline through make: the smoke run, interruption and resume, and a sweep (CPU, tiny model, no hub)."""
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -31,10 +32,16 @@ def make(*args):
     return proc.stdout
 
 
+# Run-level reports, rewritten at the end of every `make run` from the stage artifacts, and the run's bookkeeping
+# (launch records, lock files), which every launch updates.
+REPORTS = {"summary.json", "summary.md", "summary.png", "eval_metric.png", "eval_rewards.png", "run_info.json",
+           ".run_info.lock", ".selm.lock"}
+
+
 def artifacts(run: Path, prefix: str = "") -> dict:
-    """Files of a run (under `prefix`) with their mtimes."""
+    """Stage artifacts of a run (under `prefix`) with their mtimes."""
     return {str(p.relative_to(run)): p.stat().st_mtime_ns for p in sorted(run.rglob("*"))
-            if p.is_file() and str(p.relative_to(run)).startswith(prefix)}
+            if p.is_file() and str(p.relative_to(run)).startswith(prefix) and str(p.relative_to(run)) not in REPORTS}
 
 
 def rows(path: Path) -> int:
@@ -60,6 +67,12 @@ def check_finished_run(run: Path) -> dict:
         assert config["iteration"] == k and config["training"]["learning_rate"] == pytest.approx([5e-4, 2e-4][k - 1])
         assert not [p for p in d.rglob("*") if ".tmp-" in p.name], "a temporary artifact was left behind"
         assert not (d / "checkpoints").exists()  # removed once the model is saved (keep_checkpoints: false)
+    for d in [run / "base"] + [run / f"iter-{k}" for k in (1, 2)]:  # evaluate: true -> base, then every iteration
+        metrics = json.loads((d / "eval" / "metrics.json").read_text())
+        answers = pq.read_table(d / "eval" / "answers.parquet").to_pylist()
+        assert metrics["num_prompts"] == len(answers) == 40 and math.isfinite(metrics["mean"])
+        assert metrics["mean"] == pytest.approx(sum(a["reward"] for a in answers) / 40)
+        assert metrics["model"].endswith(f"{d.name}/model" if d.name != "base" else "tiny-llama")
     # iteration 2 generated with, and trained from, iteration 1's model
     assert read_parquet_metadata(run / "iter-2" / "generated.parquet")["model"] == str(run / "iter-1" / "model")
     assert yaml.safe_load((run / "iter-2" / "train_config.yaml").read_text())["start_model"] == str(run / "iter-1" / "model")
@@ -74,6 +87,7 @@ def finished_smoke(tmp_path_factory):
     args = "--save_strategy steps --save_steps 1 --generation_shard_size 8"
     out = make("smoke", f"RUN_ROOT={d}", f"ARGS={args}")
     run = d / "smoke-selm"
+    assert sorted(p.name for p in d.iterdir()) == ["smoke-selm"]  # RUN_ROOT honoured
     recipe = d / "smoke.yaml"  # the same settings as a recipe file, for the tests that rerun it
     recipe.write_text(yaml.safe_dump(yaml.safe_load((run / "recipe.yaml").read_text())))
     return recipe, run, out
@@ -82,6 +96,7 @@ def finished_smoke(tmp_path_factory):
 def test_smoke_pipeline_runs_every_stage_and_a_rerun_does_nothing(finished_smoke):
     recipe, run, out = finished_smoke
     assert "run finished" in out and "| 2 | 50 | 50 |" in out  # make smoke ends with the summary table
+    assert "Held-out evaluation (mean true reward of the answer" in out and "| base | " in out
     check_finished_run(run)
     from transformers import AutoModelForCausalLM
     AutoModelForCausalLM.from_pretrained(run / "iter-2" / "model")
@@ -92,15 +107,40 @@ def test_smoke_pipeline_runs_every_stage_and_a_rerun_does_nothing(finished_smoke
     summary = subprocess.run([sys.executable, str(REPO / "scripts/summarize.py"), str(run)],
                              capture_output=True, text=True, check=True).stdout
     assert "| 1 | 50 | 50 |" in summary and "| 2 | 50 | 50 |" in summary and (run / "summary.png").exists()
+    held = json.loads((run / "summary.json").read_text())["held_out"]
+    assert [h["iteration"] for h in held] == ["base", 1, 2]
+    assert (run / "eval_metric.png").exists() and (run / "eval_rewards.png").exists()
 
 
-def run_until(args, marker, timeout=600) -> bool:
-    """Start `make ...`, kill its whole process group once `marker()` holds; return whether it was killed."""
+def test_make_compare_on_a_selm_and_a_dpo_smoke_run(finished_smoke, tmp_path):
+    _, selm, _ = finished_smoke
+    dpo = tmp_path / "smoke-dpo"
+    make("smoke-dpo", f"RUN_DIR={dpo}", "ITER=1")  # RUN_DIR honoured by the named target; ITER: last iteration
+    assert (dpo / "iter-1" / "eval" / "metrics.json").exists() and not (tmp_path / "runs").exists()
+    out_dir = tmp_path / "cmp"
+    out = make("compare", f"RUNS={selm} {dpo}", f"OUT={out_dir}")
+    result = json.loads((out_dir / "comparison.json").read_text())
+    assert result["iteration"] == "1" and set(result["runs"]) == {"smoke-selm", "smoke-dpo"}
+    for name, run in (("smoke-selm", selm), ("smoke-dpo", dpo)):
+        metrics = json.loads((run / "iter-1" / "eval" / "metrics.json").read_text())
+        assert result["runs"][name]["held_out"]["1"]["mean"] == metrics["mean"]
+    assert (out_dir / "comparison.md").read_text() in out and "| base |" in out
+    assert result["figures"] == ["metric_per_iteration.png", "reward_distributions.png", "implicit_rewards.png"]
+    assert all((out_dir / f).stat().st_size > 10_000 for f in result["figures"])
+    d = result["implicit_reward_difference"]["smoke-selm − smoke-dpo"]
+    assert d["chosen"]["pairs"] == d["rejected"]["pairs"] == 40
+
+
+def run_until(args, marker, timeout=600, before_kill=None) -> bool:
+    """Start `make ...`, kill its whole process group once `marker()` holds (after `before_kill()`, while it still
+    runs); return whether it was killed."""
     proc = subprocess.Popen(make_command(*args), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     deadline = time.time() + timeout
     while time.time() < deadline and proc.poll() is None:
         if marker():
+            if before_kill is not None:
+                before_kill(proc)
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
             return True
@@ -109,17 +149,26 @@ def run_until(args, marker, timeout=600) -> bool:
     return False
 
 
-@pytest.mark.parametrize("stage", ["generation", "training"])
+def launched(run: Path, stage: str, iteration: int) -> bool:
+    """run_info.json records a launch of `stage` for `iteration` (written atomically: whole or absent)."""
+    path = run / "run_info.json"
+    if not path.exists():
+        return False
+    return any(r["stage"] == stage and r["iteration"] == iteration for r in json.loads(path.read_text())["launches"])
+
+
+@pytest.mark.parametrize("stage", ["generation", "ranking", "training", "evaluation"])
 def test_interrupted_run_resumes_without_redoing_finished_stages(finished_smoke, tmp_path, stage):
     recipe, done, _ = finished_smoke
-    # Iteration 1 as the uninterrupted run left it (mtimes kept), run dir paths rewritten to this copy.
+    # Base and iteration 1 as the uninterrupted run left them (mtimes kept), run dir paths rewritten to this copy.
     run = tmp_path / "run"
     shutil.copytree(done / "iter-1", run / "iter-1", copy_function=shutil.copy2)
+    shutil.copytree(done / "base", run / "base", copy_function=shutil.copy2)
     frozen = yaml.safe_load((done / "recipe.yaml").read_text()) | {"output_dir": str(run)}
     (run / "recipe.yaml").write_text(yaml.safe_dump(frozen))
     new_recipe = tmp_path / "recipe.yaml"
     new_recipe.write_text(yaml.safe_dump(yaml.safe_load(recipe.read_text()) | {"output_dir": str(run)}))
-    iteration1 = artifacts(run, "iter-1/")
+    iteration1 = artifacts(run, "iter-1/") | artifacts(run, "base/")
 
     args = ["run", f"RECIPE={new_recipe}", f"RUN_DIR={run}"]
     it2 = run / "iter-2"
@@ -127,18 +176,44 @@ def test_interrupted_run_resumes_without_redoing_finished_stages(finished_smoke,
         def marker():  # a shard of iteration 2 is saved, the merged file is not
             return any((it2 / "generated.shards").glob("shard-*.parquet"))
         final = it2 / "generated.parquet"
-    else:
+    elif stage == "ranking":
+        def marker():  # the rank stage of iteration 2 has started
+            return launched(run, "rank", 2)
+        final = it2 / "ranked.parquet"
+    elif stage == "training":
         def marker():  # iteration 2 has completely saved a checkpoint (trainer_state.json is written last)
             return any((it2 / "checkpoints").glob("checkpoint-*/trainer_state.json"))
         final = it2 / "model"
-    assert run_until(args, marker), f"the run finished before its {stage} in iteration 2 could be interrupted"
+    else:
+        def marker():  # a shard of iteration 2's held-out answers is saved, the metrics are not
+            return any((it2 / "eval" / "answers.shards").glob("shard-*.parquet"))
+        final = it2 / "eval" / "metrics.json"
+    refusal = []
+
+    def second_run(proc):  # the same command while the first still runs: refused at once, naming the holder
+        started = time.time()
+        second = subprocess.run(make_command(*args), capture_output=True, text=True)
+        refusal.append((second.returncode, second.stderr, time.time() - started))
+
+    assert run_until(args, marker, before_kill=second_run if stage == "generation" else None), \
+        f"the run finished before its {stage} in iteration 2 could be interrupted"
     assert not final.exists()
+    if refusal:
+        code, err, seconds = refusal[0]
+        lock = run.resolve() / ".selm.lock"
+        assert code != 0 and f"{lock} is held by pid" in err and "make" in err, err
+        assert (run / "iter-2" / "generated.shards").exists()  # the first run's work was not touched
+    assert (run / ".selm.lock").exists()  # left behind by the killed run: it must not block the rerun
     out = make(*args)
-    assert "scripts/train.py" in out and "--iteration 1" not in out
+    assert "--iteration 1" not in out and "--iteration base" not in out
+    if stage != "evaluation":
+        assert "scripts/train.py" in out
     if stage == "training":
         assert "scripts/generate.py" not in out and "resuming iteration 2 from" in out
+    if stage == "evaluation":
+        assert "scripts/train.py" not in out and "scripts/evaluate.py" in out and "resuming, " in out
     assert check_finished_run(run) == check_finished_run(done)
-    assert artifacts(run, "iter-1/") == iteration1
+    assert artifacts(run, "iter-1/") | artifacts(run, "base/") == iteration1
 
 
 def test_sweep_makes_one_run_per_combination_and_a_table(smoke_recipe, tmp_path):
@@ -146,6 +221,8 @@ def test_sweep_makes_one_run_per_combination_and_a_table(smoke_recipe, tmp_path)
     sweep = tmp_path / "sweep.yaml"
     root = tmp_path / "sweep"
     sweep.write_text(yaml.safe_dump({"recipe": str(recipe), "output_root": str(root), "grid": {"alpha": [0.0, 0.05]}}))
+    dry = make("-n", "sweep", f"SWEEP={sweep}")
+    assert "scripts/train.py" in dry and not root.exists()  # make -n writes nothing
     out = make("sweep", f"SWEEP={sweep}")
     for name, alpha in (("alpha-0.0", 0.0), ("alpha-0.05", 0.05)):
         assert (root / name / "iter-1" / "model" / "config.json").exists()
@@ -153,6 +230,16 @@ def test_sweep_makes_one_run_per_combination_and_a_table(smoke_recipe, tmp_path)
         assert yaml.safe_load((root / name / "iter-1" / "train_config.yaml").read_text())["training"]["alpha"] == alpha
     table = (root / "sweep_table.md").read_text()
     assert table in out and table.count(str(root)) == 2 and "| 0.05 |" in table
+    # ranked by the held-out metric at iteration 1, the best marked (the paper's selection rule)
+    import csv
+
+    rows = list(csv.DictReader((root / "sweep_table.csv").read_text().splitlines()))
+    means = [float(r["held_out_mean"]) for r in rows]
+    assert means == sorted(means, reverse=True) and [r["best"] for r in rows] == ["best", ""]
+    for r in rows:
+        metrics = json.loads((Path(r["run_dir"]) / "iter-1" / "eval" / "metrics.json").read_text())
+        assert float(r["held_out_mean"]) == pytest.approx(metrics["mean"]) and r["held_out_iteration"] == "1"
+    assert (root / "sweep_rewards.png").exists()
 
 
 def test_resume_skips_a_checkpoint_whose_writing_was_interrupted(tmp_path):
@@ -170,10 +257,13 @@ def test_resume_skips_a_checkpoint_whose_writing_was_interrupted(tmp_path):
 
 def test_make_n_shows_the_papers_zephyr_plan(tmp_path):
     out = make("-n", "zephyr-selm", "ITER=3", "NUM_GPUS=8", f"RUN_ROOT={tmp_path}")
-    stages = [line for line in out.splitlines() if "scripts/" in line and "freeze_recipe" not in line]
+    stages = [line for line in out.splitlines() if "--iteration " in line]
     plan = [(line.split("scripts/")[1].split(".py")[0], line.split("--iteration ")[1].split()[0]) for line in stages]
-    assert plan == [("train", "0")] + [(s, str(k)) for k in (1, 2, 3) for s in ("generate", "rank", "train")]
+    assert plan == [("train", "0"), ("evaluate", "base"), ("evaluate", "0")] + [
+        (s, str(k)) for k in (1, 2, 3) for s in ("generate", "rank", "train", "evaluate")]
     launch = "accelerate launch --config_file recipes/accelerate_configs/deepspeed_zero3.yaml --num_processes 8"
     assert all(launch in line for line in stages if "scripts/train.py" in line)
-    assert all("--data_parallel_size 8" in line for line in stages if "scripts/generate.py" in line)
-    assert f"{tmp_path}/zephyr-iter0" in out and not (tmp_path / "zephyr-selm").exists()  # -n runs nothing
+    assert all("--data_parallel_size 8" in line for line in stages if "generate.py" in line or "evaluate.py" in line)
+    assert f"{tmp_path}/zephyr-iter0" in out and not list(tmp_path.iterdir())  # -n writes nothing
+    with pytest.raises(AssertionError, match="ITER=4: .* has iterations \\[0, 1, 2, 3\\]"):
+        make("-n", "zephyr-selm", "ITER=4", f"RUN_ROOT={tmp_path}")

@@ -26,25 +26,7 @@ from selm.ranking import (
 )
 from selm.tiny import fixture_rows
 
-from conftest import REPO
-
-
-@pytest.fixture(scope="session")
-def tiny_pairrm_dir(tmp_path_factory):
-    from selm.tiny_ranker import save_tiny_pairrm
-
-    path = tmp_path_factory.mktemp("rankers") / "tiny-pairrm"
-    save_tiny_pairrm(path)
-    return path
-
-
-@pytest.fixture(scope="session")
-def tiny_rm_dir(tmp_path_factory):
-    from selm.tiny_ranker import save_tiny_reward_model
-
-    path = tmp_path_factory.mktemp("rankers") / "tiny-rm"
-    save_tiny_reward_model(path)
-    return path
+from conftest import REPO, script_main
 
 
 @pytest.fixture(scope="session")
@@ -366,12 +348,7 @@ def write_generated(recipe_path, iteration=1, num_rows=50):
 
 
 def run_rank(recipe, *args):
-    from importlib.util import module_from_spec, spec_from_file_location
-
-    spec = spec_from_file_location("rank_script", REPO / "scripts" / "rank.py")
-    module = module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main([str(recipe), "--iteration", "1", *args])
+    return script_main("rank")([str(recipe), "--iteration", "1", *args])
 
 
 def test_rank_script_oracle_end_to_end(smoke_recipe, capsys):

@@ -1,6 +1,5 @@
 """scripts/train.py end to end on the smoke recipe: CLI, outputs, resume, skip, dry run, bad input, ZeRO-3 on CPU."""
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -8,16 +7,13 @@ import sys
 import pytest
 import yaml
 
-from conftest import REPO
+from conftest import REPO, script_main
 
 ROWS = 32  # 2 optimizer steps at the smoke recipe's global batch of 16
 
 
 def train_main():
-    spec = importlib.util.spec_from_file_location("selm_train_script", REPO / "scripts" / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
+    return script_main("train")
 
 
 def write_ranked(run_dir, iteration=1, with_reference=True):
@@ -175,10 +171,19 @@ def test_two_process_zero3_cpu_run_saves_a_loadable_model(smoke_recipe, tiny_mod
     # 2 processes x 8 per device x 1 accumulation step: the recipe's global batch of 16, unchanged.
     assert frozen["num_processes"] == 2 and frozen["training"]["gradient_accumulation_steps"] == 1
     assert frozen["effective_global_batch"] == 16
+    # run_info.json: one record for the launch (rank 1 records nothing), with how it was launched
+    import json
+
+    launch, = json.loads((run / "run_info.json").read_text())["launches"]
+    assert (launch["stage"], launch["iteration"], launch["status"]) == ("train", 1, "finished")
+    assert launch["launcher"] == {"num_processes": 2, "distributed_type": "DEEPSPEED", "mixed_precision": "no",
+                                  "deepspeed_zero_stage": 3}
 
     # Same recipe, one plain process (2 accumulation steps): the same optimizer steps, so the same weights.
     (run / "iter-1" / "model").rename(run / "model-zero3")
     assert train_main()([str(recipe), "--iteration", "1"]) == 0
+    single = json.loads((run / "run_info.json").read_text())["launches"][-1]["launcher"]
+    assert single["num_processes"] == 1 and single["distributed_type"] == "NO" and "deepspeed_zero_stage" not in single
     zero3, single, start = (flat_weights(p) for p in (run / "model-zero3", run / "iter-1" / "model", tiny_model_dir))
     update = (single - start).norm()
     assert update > 0.01 and (zero3 - single).norm() < 1e-3 * update
