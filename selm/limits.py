@@ -102,6 +102,8 @@ def typed(key: str, value, tp, where: str = ""):
 
     if tp is None or value is None:
         return value
+    if tp is str and isinstance(value, bool):  # YAML reads an unquoted true/false as a boolean
+        return str(value).lower()
     if isinstance(value, str) and tp is not str:
         try:
             return string_to_bool(value) if tp is bool else tp(value)
