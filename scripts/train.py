@@ -66,7 +66,7 @@ def last_complete_checkpoint(checkpoints_dir) -> str | None:
 
 # Settings that may differ between two runs sharing iteration 0 without changing what it trains.
 HARMLESS = {"output_dir", "report_to", "logging_steps", "run_name", "save_steps", "save_total_limit", "push_to_hub",
-            "hub_model_id", "hub_private_repo"}
+            "hub_model_id", "hub_private_repo", "prefix_sharing"}  # packing changes speed, not the result
 
 
 def check_shared_iteration_zero(recipe) -> None:

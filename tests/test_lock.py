@@ -156,7 +156,7 @@ class _Recipe:
         from types import SimpleNamespace
 
         self.run_dir, self.stage, self.iteration, self.base = tmp_path / "run", stage, iteration, False
-        self.pipeline = SimpleNamespace(iteration_zero_dir=zero_dir)
+        self.pipeline = SimpleNamespace(iteration_zero_dir=zero_dir, dpo_iteration_zero=zero_dir is not None)
 
     def iter_dir(self, k):
         return self.pipeline.iteration_zero_dir or self.run_dir / f"iter-{k}"

@@ -19,14 +19,15 @@ from conftest import REPO
 VENV = Path(sys.executable).parent.parent
 
 
-def make_command(*args):
-    # -o: the environment running the tests is the one to use; make must not try to (re)install it
+def make_command(*args, plain_launch=True):
+    # -o: the environment running the tests is the one to use; make must not try to (re)install it.
+    # plain_launch: train with this interpreter, whatever launcher the target would use (accelerate, srun, ...).
     return ["make", "--no-print-directory", "-C", str(REPO), f"VENV={VENV}", "-o", f"{VENV}/.installed",
-            f"LAUNCH={sys.executable}", *args]
+            *([f"LAUNCH={sys.executable}"] if plain_launch else []), *args]
 
 
-def make(*args):
-    proc = subprocess.run(make_command(*args), capture_output=True, text=True)
+def make(*args, plain_launch=True):
+    proc = subprocess.run(make_command(*args, plain_launch=plain_launch), capture_output=True, text=True)
     if proc.returncode:
         raise AssertionError(f"make {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc.stdout
@@ -256,7 +257,7 @@ def test_resume_skips_a_checkpoint_whose_writing_was_interrupted(tmp_path):
 
 
 def test_make_n_shows_the_papers_zephyr_plan(tmp_path):
-    out = make("-n", "zephyr-selm", "ITER=3", "NUM_GPUS=8", f"RUN_ROOT={tmp_path}")
+    out = make("-n", "zephyr-selm", "ITER=3", "NUM_GPUS=8", f"RUN_ROOT={tmp_path}", plain_launch=False)
     stages = [line for line in out.splitlines() if "--iteration " in line]
     plan = [(line.split("scripts/")[1].split(".py")[0], line.split("--iteration ")[1].split()[0]) for line in stages]
     assert plan == [("train", "0"), ("evaluate", "base"), ("evaluate", "0")] + [

