@@ -20,7 +20,7 @@ class DemoTaskSettings:
     """Sizes of the demo task and its base model (the defaults are the demo's, chosen on development seeds)."""
 
     seed: int = field(default=0, metadata={"help": "Seed of the prompts, the pairs, the model's init and SFT."})
-    train_rows: int = field(default=3000, metadata={"help": "Rows of train_prefs (iterations x portion rows)."})
+    train_rows: int = field(default=1500, metadata={"help": "Rows of train_prefs (iterations x portion rows)."})
     test_rows: int = field(default=1000, metadata={"help": "Held-out prompts (test_prefs)."})
     vocab_size: int = field(default=600, metadata={"help": "BPE vocabulary cap (the task needs ~470 tokens)."})
     hidden_size: int = field(default=128, metadata={"help": "Model width; head_dim = hidden_size / num_heads."})
@@ -29,7 +29,9 @@ class DemoTaskSettings:
     intermediate_size: int = field(default=256, metadata={"help": "MLP width."})
     sft_max_steps: int = field(default=300, metadata={"help": "SFT optimizer steps at most, each on fresh examples."})
     sft_batch_size: int = field(default=32, metadata={"help": "SFT examples per step."})
-    sft_learning_rate: float = field(default=1e-3, metadata={"help": "SFT learning rate (constant after 10 warmup steps)."})
+    sft_learning_rate: float = field(
+        default=1e-3, metadata={"help": "SFT learning rate (constant after 10 warmup steps)."}
+    )
     sft_target_reward: float = field(
         default=0.45,
         metadata={"help": "Stop SFT at the first check where the greedy mean reward on the validation prompts reaches "
@@ -80,7 +82,8 @@ def build_demo_task(settings: DemoTaskSettings, data_dir, model_dir, log=print) 
                                           settings.validation_prompts)
         if need_data:
             sorting_task.write_preference_data(data_dir, splits, data_wanted)
-            log(f"demo task: wrote {data_dir} ({settings.train_rows} train_prefs, {settings.test_rows} test_prefs rows)")
+            log(f"demo task: wrote {data_dir} ({settings.train_rows} train_prefs, "
+                f"{settings.test_rows} test_prefs rows)")
         if need_model:
             report = train_base_model(settings, splits["sft"], splits["validation"], model_dir)
             reached = report["validation_reward"]
