@@ -117,6 +117,11 @@ def _corpus(rows: list[dict]) -> list[str]:
 
 def build_tokenizer(vocab_size: int = 512, rows: list[dict] | None = None):
     """A byte-level BPE tokenizer trained on the fixture, with special tokens and the chat template."""
+    return train_tokenizer(_corpus(rows or fixture_rows()), vocab_size)
+
+
+def train_tokenizer(texts: list[str], vocab_size: int):
+    """A byte-level BPE tokenizer trained on `texts`, with SPECIAL_TOKENS (EOS `</s>`) and CHAT_TEMPLATE."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -129,7 +134,7 @@ def build_tokenizer(vocab_size: int = 512, rows: list[dict] | None = None):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(_corpus(rows or fixture_rows()), trainer=trainer)
+    tok.train_from_iterator(texts, trainer=trainer)
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
         unk_token="<unk>",
