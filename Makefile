@@ -1,8 +1,10 @@
 # SELM: chains generate -> rank -> train over iterations. Every stage output is a make target written
 # atomically, so a file that exists is finished: rerunning after a crash resumes at the first missing one.
 #
-#   make demo                       the smoke pipeline on CPU with the offline tiny model (README quick start)
+#   make demo                       SELM against iterative DPO on CPU, on a task whose reward is exact (README quick start)
+#   make benchmark [SEEDS="10 11"]  the same over seeds, with the paired difference and an alpha sweep
 #   make test                       the test suite (CPU, no hub)
+#   make smoke                      the 100-sample smoke run of the whole loop (tiny random model, CI)
 #   make zephyr-selm ITER=3         the paper's Zephyr recipe on a GPU node (NUM_GPUS=8)
 #   make zephyr-selm REHEARSAL=1 ITER=1   the same target, recipe and launchers on CPU with tiny stand-ins
 #   make run RECIPE=path.yaml ITER=2 RUN_DIR=runs/x ARGS="--beta 0.05"
@@ -39,7 +41,7 @@ ACCELERATE := $(VENV)/bin/accelerate launch --config_file $(ACCELERATE_CONFIG) -
 export HF_HUB_ENABLE_HF_TRANSFER ?= 0
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: help install install-gpu demo smoke smoke-dpo test zephyr-selm zephyr-dpo llama3-selm llama3-dpo run sweep \
+.PHONY: help install install-gpu demo demo-task demo-selm demo-dpo benchmark smoke smoke-dpo test zephyr-selm zephyr-dpo llama3-selm llama3-dpo run sweep \
 	compare tiny rehearsal-models clean-smoke
 
 help:
@@ -80,9 +82,56 @@ test: $(VENV)/.installed
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest tests -q -p no:cacheprovider
 
 # The tiny model runs faster on one thread than on two (thread sync costs more than its matmuls).
-demo smoke smoke-dpo: export OMP_NUM_THREADS ?= 1
+demo demo-task demo-selm demo-dpo benchmark smoke smoke-dpo: export OMP_NUM_THREADS ?= 1
 
-demo: smoke
+# ---------------------------------------------------------------- the demo: SELM against iterative DPO
+# A sorting task whose reward is exact (selm/sorting_task.py) and a small SFT base that sorts partly right, built
+# once per seed under build/demo/; recipes/demo/{selm,dpo}.yaml run side by side (2 jobs, 1 thread each), then the
+# comparison: the held-out mean true reward per iteration of both, figures, and where the time went.
+DEMO_SEED ?= 10
+DEMO_ROOT ?= $(RUN_ROOT)/demo
+DEMO_TASK_ARGS ?=
+DEMO_BUILD ?= build/demo
+DEMO_START := $(shell date +%s)
+demo_args = --seed $(1) --model_name_or_path $(DEMO_BUILD)/base-seed$(1) --dataset_name $(DEMO_BUILD)/data-seed$(1)
+demo_task = $(PY) scripts/build_demo_task.py --seed $(1) --data_dir $(DEMO_BUILD)/data-seed$(1) \
+	--model_dir $(DEMO_BUILD)/base-seed$(1) $(DEMO_TASK_ARGS)
+demo_run = @echo "$(2): $(1) on seed $(3)" && $(MAKE) --no-print-directory run RECIPE=recipes/demo/$(1).yaml RUN_DIR=$(2) LAUNCH="$(PY)" STAGE_LOGS=1 \
+	ARGS="$(call demo_args,$(3)) $(ARGS)"
+
+demo: demo-task
+	+$(MAKE) --no-print-directory -j2 demo-selm demo-dpo
+	$(PY) scripts/compare_runs.py $(DEMO_ROOT)/selm $(DEMO_ROOT)/dpo --output_dir $(DEMO_ROOT)
+	$(PY) scripts/stage_times.py $(DEMO_ROOT)/selm $(DEMO_ROOT)/dpo --since $(DEMO_START)
+
+demo-task: $(VENV)/.installed
+	$(call demo_task,$(DEMO_SEED))
+
+demo-selm demo-dpo:
+	+$(call demo_run,$(@:demo-%=%),$(DEMO_ROOT)/$(@:demo-%=%),$(DEMO_SEED))
+
+# The seeded benchmark: the demo over SEEDS (reported seeds 10-14; settings were chosen on 0-2), two runs at a time,
+# plus an alpha sweep on the first seed; then mean ± std per iteration and the paired SELM − DPO difference.
+SEEDS ?= 10 11 12 13 14
+BENCH_ROOT ?= $(RUN_ROOT)/benchmark
+BENCH_RUNS := $(foreach s,$(SEEDS),bench-selm-$(s) bench-dpo-$(s))
+.PHONY: $(BENCH_RUNS) bench-alpha $(addprefix bench-task-,$(SEEDS))
+
+benchmark: $(VENV)/.installed
+	+$(MAKE) --no-print-directory -j2 $(BENCH_RUNS) bench-alpha
+	$(PY) benchmarks/demo_benchmark.py $(BENCH_ROOT) --seeds $(SEEDS) --sweep $(BENCH_ROOT)/alpha-seed$(firstword $(SEEDS))
+	$(PY) scripts/stage_times.py $(foreach s,$(SEEDS),$(BENCH_ROOT)/selm-seed$(s) $(BENCH_ROOT)/dpo-seed$(s)) --since $(DEMO_START)
+
+$(addprefix bench-task-,$(SEEDS)): bench-task-%:
+	$(call demo_task,$*)
+
+$(foreach s,$(SEEDS),$(eval bench-selm-$(s) bench-dpo-$(s) bench-alpha: bench-task-$(s)))
+$(BENCH_RUNS):
+	+$(call demo_run,$(word 2,$(subst -, ,$@)),$(BENCH_ROOT)/$(word 2,$(subst -, ,$@))-seed$(word 3,$(subst -, ,$@)),$(word 3,$(subst -, ,$@)))
+
+bench-alpha:
+	+$(MAKE) --no-print-directory sweep SWEEP=recipes/sweeps/demo-alpha.yaml SWEEP_ROOT=$(BENCH_ROOT)/alpha-seed$(firstword $(SEEDS)) \
+	  LAUNCH="$(PY)" STAGE_LOGS=1 ARGS="$(call demo_args,$(firstword $(SEEDS))) $(ARGS)"
 
 smoke: tiny
 	$(MAKE) --no-print-directory run RECIPE=recipes/smoke/selm.yaml RUN_DIR=$(or $(RUN_DIR),$(RUN_ROOT)/smoke-selm) LAUNCH="$(PY)"

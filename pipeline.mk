@@ -37,6 +37,16 @@ previous = $(word $(1),0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 2
 # vLLM replicas = GPUs / GPUs per replica (tensor_parallel_size of that iteration)
 parallel = $(if $(GPUS),--data_parallel_size $(shell echo $$(( $(GPUS) / $(call plan,tp_$(1)) ))))
 evaluated = $(filter 1,$(call plan,evaluate_$(1)))
+# STAGE_LOGS=1 (the demo): a stage's output goes to RUN_DIR/logs/NAME.log and the terminal gets its one-line result,
+# or the end of its log when it fails.
+ifeq ($(STAGE_LOGS),1)
+Q := @
+stage = @mkdir -p $(RUN_DIR)/logs && { $(2) > $(RUN_DIR)/logs/$(1).log 2>&1 && { grep -h "done in" $(RUN_DIR)/logs/$(1).log || true; }; } \
+	|| { tail -n 25 $(RUN_DIR)/logs/$(1).log; echo "(whole log: $(RUN_DIR)/logs/$(1).log)"; exit 1; }
+else
+Q :=
+stage = $(2)
+endif
 
 # What the run makes, in order: iteration 0 first (a shared one is claimed before anything else), the base
 # model's evaluation (beside a shared iteration 0, which its runs share too), then each iteration's model and its
@@ -58,33 +68,33 @@ endif
 
 run-stages: $(RUN_TARGETS)
 	@echo "run finished: $(RUN_DIR) (iterations $(strip $(ITERATIONS)))"
-	$(PY) scripts/summarize.py $(RUN_DIR)
+	$(call stage,summary,$(PY) scripts/summarize.py $(RUN_DIR))
 
 # Always checked: creates RUN_DIR/recipe.yaml once, and refuses a rerun whose recipe or ARGS differ from it.
 freeze:
-	$(PY) scripts/freeze_recipe.py $(SOURCES) $(ARGS)
+	$(Q)$(PY) scripts/freeze_recipe.py $(SOURCES) $(ARGS)
 
 # Iteration 0 (dpo_iteration_zero): plain DPO on the first portion's original pairs; no generation, no ranking.
 $(ITER0_DIR)/model: | freeze
-	$(LAUNCH) scripts/train.py $(FROZEN) --iteration 0
+	$(call stage,train-0,$(LAUNCH) scripts/train.py $(FROZEN) --iteration 0)
 
 $(BASE_DIR)/eval/metrics.json: | freeze
-	$(PY) scripts/evaluate.py $(FROZEN) --iteration base $(call parallel,base)
+	$(call stage,evaluate-base,$(PY) scripts/evaluate.py $(FROZEN) --iteration base $(call parallel,base))
 
 define ITERATION_RULES
 $(RUN_DIR)/iter-$(1)/generated.parquet: | freeze $(if $(filter $(1),$(firstword $(ITERATIONS))),,$(call iter_dir,$(call previous,$(1)))/model)
-	$(PY) scripts/generate.py $(FROZEN) --iteration $(1) $(call parallel,$(1))
+	$(call stage,generate-$(1),$(PY) scripts/generate.py $(FROZEN) --iteration $(1) $(call parallel,$(1)))
 
 $(RUN_DIR)/iter-$(1)/ranked.parquet: | $(RUN_DIR)/iter-$(1)/generated.parquet
-	$(PY) scripts/rank.py $(FROZEN) --iteration $(1)
+	$(call stage,rank-$(1),$(PY) scripts/rank.py $(FROZEN) --iteration $(1))
 
 $(RUN_DIR)/iter-$(1)/model: | $(RUN_DIR)/iter-$(1)/ranked.parquet
-	$(LAUNCH) scripts/train.py $(FROZEN) --iteration $(1)
+	$(call stage,train-$(1),$(LAUNCH) scripts/train.py $(FROZEN) --iteration $(1))
 endef
 $(foreach k,$(filter-out 0,$(ITERATIONS)),$(eval $(call ITERATION_RULES,$(k))))
 
 define EVAL_RULE
 $(call iter_dir,$(1))/eval/metrics.json: | $(call iter_dir,$(1))/model
-	$(PY) scripts/evaluate.py $(FROZEN) --iteration $(1) $(call parallel,$(1))
+	$(call stage,evaluate-$(1),$(PY) scripts/evaluate.py $(FROZEN) --iteration $(1) $(call parallel,$(1)))
 endef
 $(foreach k,$(ITERATIONS),$(if $(call evaluated,$(k)),$(eval $(call EVAL_RULE,$(k)))))

@@ -210,3 +210,29 @@ def stage_record(recipe, stage: str | None = None):
     seconds = _process_seconds()
     launch.update(status="finished", ended=_now(), seconds=seconds)
     print(f"[{recipe.run_dir.name}] {stage} iteration {iteration}: done in {seconds:.1f} s", flush=True)
+
+
+STAGES = ("generate", "rank", "train", "evaluate")
+
+
+def stage_seconds(run_dir) -> dict:
+    """Seconds each stage took in a run, summed over its iterations (every launch that did work, killed ones aside:
+    a launch that found its output already there takes a few seconds and is counted too)."""
+    info = read_run_info(run_dir)
+    if info is None:
+        raise SELMError(f"{run_dir}: no run_info.json (no stage was launched there)")
+    totals = {stage: 0.0 for stage in STAGES}
+    for launch in info["launches"]:
+        if launch.get("stage") in totals and launch.get("seconds") is not None:
+            totals[launch["stage"]] += float(launch["seconds"])
+    return totals
+
+
+def stage_seconds_markdown(run_dirs) -> str:
+    """A table of `stage_seconds` for several runs, with totals."""
+    rows = {Path(d).name: stage_seconds(d) for d in run_dirs}
+    lines = ["| run | " + " | ".join(STAGES) + " | all stages |", "|---|" + "---|" * (len(STAGES) + 1)]
+    for name, totals in list(rows.items()) + [("all runs", {s: sum(r[s] for r in rows.values()) for s in STAGES})]:
+        lines.append(f"| {name} | " + " | ".join(f"{totals[s]:.0f} s" for s in STAGES)
+                     + f" | {sum(totals.values()):.0f} s |")
+    return "\n".join(lines) + "\n"
