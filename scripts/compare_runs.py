@@ -15,7 +15,14 @@ from selm.configs import main_guard
 
 @main_guard
 def main(argv=None):
+    import datasets
+    import transformers
+
     from selm.comparison import compare_runs, to_markdown
+
+    # A report: Fig. 4's log-prob passes need no progress bars.
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", help="run directories (the first is A)")

@@ -45,7 +45,7 @@ def _load_runs(run_dirs: list[Path]) -> dict:
 
 
 def _paired_difference(a_dir: str, b_dir: str) -> dict:
-    """Mean per-prompt reward difference B − A, paired by prompt_id, with its standard error."""
+    """Mean per-prompt reward difference A − B, paired by prompt_id, with its standard error."""
     from selm.io import read_parquet
 
     def rewards(d):
@@ -53,7 +53,7 @@ def _paired_difference(a_dir: str, b_dir: str) -> dict:
         return dict(zip(t["prompt_id"], t["reward"]))
 
     a, b = rewards(a_dir), rewards(b_dir)
-    diffs = [b[k] - a[k] for k in a if k in b]
+    diffs = [a[k] - b[k] for k in a if k in b]
     mean = sum(diffs) / len(diffs)
     sd = math.sqrt(sum((x - mean) ** 2 for x in diffs) / (len(diffs) - 1)) if len(diffs) > 1 else 0.0
     return {"mean": mean, "sem": sd / math.sqrt(len(diffs)), "pairs": len(diffs)}
@@ -99,7 +99,7 @@ def compare_runs(run_dirs, output_dir, iteration: str | None = None, implicit: b
         "runs": {n: {"run_dir": str(r["dir"]), "held_out": {it: {k: e["metrics"][k] for k in
                      ("mean", "sem", "win_rate", "num_prompts", "empty_answers", "mean_answer_tokens")}
                      for it, e in r["evaluations"].items()}} for n, r in runs.items()},
-        "paired_difference": {f"{n} - {names[0]}": _paired_difference(runs[names[0]]["evaluations"][iteration]["dir"],
+        "paired_difference": {f"{names[0]} − {n}": _paired_difference(runs[names[0]]["evaluations"][iteration]["dir"],
                                                                       runs[n]["evaluations"][iteration]["dir"])
                               for n in names[1:]},
     }
