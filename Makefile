@@ -118,9 +118,10 @@ BENCH_RUNS := $(foreach s,$(SEEDS),bench-selm-$(s) bench-dpo-$(s))
 .PHONY: $(BENCH_RUNS) bench-alpha $(addprefix bench-task-,$(SEEDS))
 
 benchmark: $(VENV)/.installed
-	+$(MAKE) --no-print-directory -j2 $(BENCH_RUNS) bench-alpha
+	+$(MAKE) --no-print-directory -j2 bench-alpha $(BENCH_RUNS)
 	$(PY) benchmarks/demo_benchmark.py $(BENCH_ROOT) --seeds $(SEEDS) --sweep $(BENCH_ROOT)/alpha-seed$(firstword $(SEEDS))
-	$(PY) scripts/stage_times.py $(foreach s,$(SEEDS),$(BENCH_ROOT)/selm-seed$(s) $(BENCH_ROOT)/dpo-seed$(s)) --since $(DEMO_START)
+	$(PY) scripts/stage_times.py $(foreach s,$(SEEDS),$(BENCH_ROOT)/selm-seed$(s) $(BENCH_ROOT)/dpo-seed$(s)) \
+	  $(BENCH_ROOT)/alpha-seed$(firstword $(SEEDS))/alpha-* --since $(DEMO_START)
 
 $(addprefix bench-task-,$(SEEDS)): bench-task-%:
 	$(call demo_task,$*)

@@ -177,8 +177,8 @@ def plot_sweep(sweep: list[dict], seed: int, path: Path) -> None:
               label="mean answer tokens (right axis)")
     twin.set_ylabel("mean answer tokens")
     handles = ax.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
-    ax.legend(handles, [h.get_label() for h in handles], fontsize=8, loc="lower left")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.08, 1, 1))  # the legend goes below the axes, clear of both curves
+    fig.legend(handles, [h.get_label() for h in handles], fontsize=8, loc="lower center", ncol=2)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)

@@ -132,21 +132,21 @@ def test_make_compare_on_a_selm_and_a_dpo_smoke_run(finished_smoke, tmp_path):
     assert d["chosen"]["pairs"] == d["rejected"]["pairs"] == 40
 
 
-def run_until(args, marker, timeout=600, before_kill=None) -> bool:
-    """Start `make ...`, kill its whole process group once `marker()` holds (after `before_kill()`, while it still
-    runs); return whether it was killed."""
-    proc = subprocess.Popen(make_command(*args), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    deadline = time.time() + timeout
-    while time.time() < deadline and proc.poll() is None:
-        if marker():
-            if before_kill is not None:
-                before_kill(proc)
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            return True
-        time.sleep(0.02)
-    proc.wait()
+def run_until(args, marker, log: Path, timeout=600, before_kill=None) -> bool:
+    """Start `make ...` (its output to `log`), kill its whole process group once `marker()` holds (after
+    `before_kill()`, while it still runs); return whether it was killed."""
+    with open(log, "w") as out:
+        proc = subprocess.Popen(make_command(*args), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.time() + timeout
+        while time.time() < deadline and proc.poll() is None:
+            if marker():
+                if before_kill is not None:
+                    before_kill()
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                return True
+            time.sleep(0.02)
+        proc.wait()
     return False
 
 
@@ -158,8 +158,9 @@ def launched(run: Path, stage: str, iteration: int) -> bool:
     return any(r["stage"] == stage and r["iteration"] == iteration for r in json.loads(path.read_text())["launches"])
 
 
-@pytest.mark.parametrize("stage", ["generation", "ranking", "training", "evaluation"])
-def test_interrupted_run_resumes_without_redoing_finished_stages(finished_smoke, tmp_path, stage):
+def test_a_run_killed_in_every_stage_resumes_without_redoing_finished_stages(finished_smoke, tmp_path):
+    """SIGKILL of the whole process group during iteration 2's generation, then (rerun) its ranking, then its
+    training, then its evaluation; each rerun resumes where the last one stopped, and the last one completes."""
     recipe, done, _ = finished_smoke
     # Base and iteration 1 as the uninterrupted run left them (mtimes kept), run dir paths rewritten to this copy.
     run = tmp_path / "run"
@@ -169,52 +170,43 @@ def test_interrupted_run_resumes_without_redoing_finished_stages(finished_smoke,
     (run / "recipe.yaml").write_text(yaml.safe_dump(frozen))
     new_recipe = tmp_path / "recipe.yaml"
     new_recipe.write_text(yaml.safe_dump(yaml.safe_load(recipe.read_text()) | {"output_dir": str(run)}))
-    iteration1 = artifacts(run, "iter-1/") | artifacts(run, "base/")
+    finished = artifacts(run, "iter-1/") | artifacts(run, "base/")
 
     args = ["run", f"RECIPE={new_recipe}", f"RUN_DIR={run}"]
     it2 = run / "iter-2"
-    if stage == "generation":
-        def marker():  # a shard of iteration 2 is saved, the merged file is not
-            return any((it2 / "generated.shards").glob("shard-*.parquet"))
-        final = it2 / "generated.parquet"
-    elif stage == "ranking":
-        def marker():  # the rank stage of iteration 2 has started
-            return launched(run, "rank", 2)
-        final = it2 / "ranked.parquet"
-    elif stage == "training":
-        def marker():  # iteration 2 has completely saved a checkpoint (trainer_state.json is written last)
-            return any((it2 / "checkpoints").glob("checkpoint-*/trainer_state.json"))
-        final = it2 / "model"
-    else:
-        def marker():  # a shard of iteration 2's held-out answers is saved, the metrics are not
-            return any((it2 / "eval" / "answers.shards").glob("shard-*.parquet"))
-        final = it2 / "eval" / "metrics.json"
+    kills = [  # (stage, it is running, its output, what the next run says when it resumes it)
+        ("generation", lambda: any((it2 / "generated.shards").glob("shard-*.parquet")), it2 / "generated.parquet",
+         "generate: resuming, "),
+        ("ranking", lambda: launched(run, "rank", 2), it2 / "ranked.parquet", None),
+        ("training", lambda: any((it2 / "checkpoints").glob("checkpoint-*/trainer_state.json")), it2 / "model",
+         "resuming iteration 2 from"),
+        ("evaluation", lambda: any((it2 / "eval" / "answers.shards").glob("shard-*.parquet")),
+         it2 / "eval" / "metrics.json", "generate: resuming, "),
+    ]
     refusal = []
 
-    def second_run(proc):  # the same command while the first still runs: refused at once, naming the holder
-        started = time.time()
+    def second_run():  # the same command while the first still runs: refused at once, naming the holder
         second = subprocess.run(make_command(*args), capture_output=True, text=True)
-        refusal.append((second.returncode, second.stderr, time.time() - started))
+        refusal.append((second.returncode, second.stderr))
 
-    assert run_until(args, marker, before_kill=second_run if stage == "generation" else None), \
-        f"the run finished before its {stage} in iteration 2 could be interrupted"
-    assert not final.exists()
-    if refusal:
-        code, err, seconds = refusal[0]
-        lock = run.resolve() / ".selm.lock"
-        assert code != 0 and f"{lock} is held by pid" in err and "make" in err, err
-        assert (run / "iter-2" / "generated.shards").exists()  # the first run's work was not touched
-    assert (run / ".selm.lock").exists()  # left behind by the killed run: it must not block the rerun
+    previous_note = None
+    for i, (stage, marker, output, note) in enumerate(kills):
+        log = tmp_path / f"{stage}.log"
+        assert run_until(args, marker, log, before_kill=second_run if i == 0 else None), \
+            f"the run finished before its {stage} in iteration 2 could be interrupted:\n{log.read_text()[-2000:]}"
+        assert not output.exists() and not [p for p in run.rglob("*") if ".tmp-" in p.name]
+        if previous_note:
+            assert previous_note in log.read_text(), f"{stage} run did not resume the last stage"
+        assert artifacts(run, "iter-1/") | artifacts(run, "base/") == finished
+        previous_note = note
+    code, err = refusal[0]
+    assert code != 0 and f"{run.resolve() / '.selm.lock'} is held by pid" in err and "make" in err, err
+    assert (run / ".selm.lock").exists()  # left behind by the killed runs: it did not block their reruns
+
     out = make(*args)
-    assert "--iteration 1" not in out and "--iteration base" not in out
-    if stage != "evaluation":
-        assert "scripts/train.py" in out
-    if stage == "training":
-        assert "scripts/generate.py" not in out and "resuming iteration 2 from" in out
-    if stage == "evaluation":
-        assert "scripts/train.py" not in out and "scripts/evaluate.py" in out and "resuming, " in out
+    assert previous_note in out and "scripts/train.py" not in out and "--iteration 1" not in out
     assert check_finished_run(run) == check_finished_run(done)
-    assert artifacts(run, "iter-1/") | artifacts(run, "base/") == iteration1
+    assert artifacts(run, "iter-1/") | artifacts(run, "base/") == finished
 
 
 def test_sweep_makes_one_run_per_combination_and_a_table(smoke_recipe, tmp_path):
