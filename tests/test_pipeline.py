@@ -260,3 +260,19 @@ def test_make_n_shows_the_papers_zephyr_plan(tmp_path):
     assert f"{tmp_path}/zephyr-iter0" in out and not list(tmp_path.iterdir())  # -n writes nothing
     with pytest.raises(AssertionError, match="ITER=4: .* has iterations \\[0, 1, 2, 3\\]"):
         make("-n", "zephyr-selm", "ITER=4", f"RUN_ROOT={tmp_path}")
+
+
+@pytest.mark.parametrize("target", ["demo", "benchmark", "smoke", "smoke-dpo", "zephyr-selm", "zephyr-dpo",
+                                    "llama3-selm", "llama3-dpo", "sweep", "compare"])
+def test_make_n_of_every_named_target_writes_nothing_and_honours_run_root(target, tmp_path):
+    extra = {"sweep": ["SWEEP=recipes/sweeps/smoke-alpha.yaml", "SWEEP_ROOT=" + str(tmp_path / "sweep")],
+             "compare": [f"RUNS={tmp_path}/a {tmp_path}/b"]}.get(target, [])
+    root = tmp_path / "root"
+
+    def snapshot():
+        return {p: p.stat().st_mtime_ns for d in ("build", "runs") for p in (REPO / d).rglob("*")}
+
+    before = snapshot()
+    out = make("-n", target, f"RUN_ROOT={root}", *extra)
+    assert str(tmp_path) in out  # every run directory under RUN_ROOT (or the given SWEEP_ROOT / RUNS)
+    assert not list(tmp_path.iterdir()) and snapshot() == before
