@@ -1,4 +1,4 @@
-# SELM: chains generate -> rank -> train over iterations. Every stage output is a make target written
+# SELM: chains generate -> rank -> train -> evaluate over iterations. Every stage output is a make target written
 # atomically, so a file that exists is finished: rerunning after a crash resumes at the first missing one.
 #
 #   make demo                       SELM against iterative DPO on CPU, on a task whose reward is exact (README quick start)
@@ -45,7 +45,7 @@ export TOKENIZERS_PARALLELISM ?= false
 	compare tiny rehearsal-models clean-smoke
 
 help:
-	@sed -n '1,12p' Makefile
+	@sed -n '1,/^$$/p' Makefile
 
 # ---------------------------------------------------------------- environment
 # torch==2.13.0 goes in the same pip command as everything else: alone, trl/accelerate would pull a CUDA build.
