@@ -12,7 +12,6 @@ alpha at the last iteration) and BENCH_ROOT/alpha_sweep.png. It measures and pri
 import argparse
 import json
 import math
-import re
 import statistics
 import sys
 from pathlib import Path
@@ -52,6 +51,12 @@ def curves(root: Path, seeds: list[int]) -> dict:
             if not evaluations:
                 raise SELMError(f"{run}: no held-out evaluation (run `make benchmark` first)")
             out[method][seed] = {str(e["iteration"]): e["metrics"]["mean"] for e in evaluations}
+    everywhere = set.intersection(*(set(c) for m in out.values() for c in m.values()))
+    for method, by_seed in out.items():
+        for seed, curve in by_seed.items():
+            if set(curve) - everywhere or len(curve) < max(len(c) for m in out.values() for c in m.values()):
+                raise SELMError(f"{root / f'{method}-seed{seed}'}: unfinished (evaluated iterations {sorted(curve)}); "
+                                "rerun `make benchmark` to complete it")
     return out
 
 
@@ -66,18 +71,22 @@ def report(root: Path, seeds: list[int]) -> dict:
             "paired_difference": paired, "last_iteration": last}
 
 
-def alpha_sweep(sweep_dir: Path) -> list[dict]:
-    """Per run of the sweep (alpha-<value>): the last evaluated iteration's held-out metrics."""
+def alpha_sweep(runs: list[Path]) -> list[dict]:
+    """Per run (the sweep's, and the seed's SELM and DPO runs, which are its α = 0.01 and α = 0 points): α from its
+    frozen recipe and the last evaluated iteration's held-out metrics."""
+    import yaml
+
     rows = []
-    for run in sorted(sweep_dir.iterdir()):
-        m = re.fullmatch(r"alpha-([0-9.e+-]+)", run.name)
-        evaluations = held_out(run) if m and run.is_dir() else []
+    for run in runs:
+        evaluations = held_out(run) if (run / "recipe.yaml").is_file() else []
         if evaluations:
             last = evaluations[-1]
-            rows.append({"alpha": float(m[1]), "iteration": last["iteration"], **{k: last["metrics"][k] for k in (
+            alpha = float(yaml.safe_load((run / "recipe.yaml").read_text()).get("alpha", 0.0))
+            rows.append({"alpha": alpha, "iteration": last["iteration"], **{k: last["metrics"][k] for k in (
                 "mean", "sem", "win_rate", "empty_answers", "mean_answer_tokens", "num_prompts")}})
     if not rows:
-        raise SELMError(f"{sweep_dir}: no evaluated alpha-* runs")
+        raise SELMError(f"no evaluated run among {[str(r) for r in runs]}")
+    rows = list({r["alpha"]: r for r in reversed(rows)}.values())  # one per α: the first run given wins
     return sorted(rows, key=lambda r: r["alpha"])
 
 
@@ -192,7 +201,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         result = report(args.root, args.seeds)
-        sweep = alpha_sweep(args.sweep) if args.sweep else None
+        seed_runs = [args.root / f"{m}-seed{args.seeds[0]}" for m in METHODS]
+        sweep = alpha_sweep(seed_runs + sorted(args.sweep.iterdir())) if args.sweep else None
     except SELMError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -64,8 +64,9 @@ def combinations(sweep: dict) -> list[tuple[dict, Path]]:
 
 def _as_arg(value) -> str:
     """A recipe value as one command-line word: a YAML scalar or flow list (make splits ARGS at white space)."""
+    if isinstance(value, list):  # built element by element: "[a,b]" without the space YAML puts after commas
+        return "[" + ",".join(_as_arg(v) for v in value) + "]"
     text = yaml.safe_dump(value, default_flow_style=True, width=10**6).strip().removesuffix("...").strip()
-    text = text.replace(", ", ",")
     if any(c.isspace() for c in text):
         raise SELMError(f"sweep value {value!r} contains white space, which cannot pass through make's ARGS")
     return text
