@@ -9,7 +9,7 @@ RECIPE is usually a run's frozen recipe (runs/NAME/recipe.yaml); --key value are
 
 import sys
 
-from selm.configs import main_guard, parse_recipe
+from selm.configs import _split_cli, main_guard, parse_recipe
 from selm.errors import SELMError
 
 OWN_KEYS = {"format": None, "questions": None, "output": None, "model_id": None, "temperature": "0"}
@@ -20,19 +20,14 @@ def main(argv=None):
     from selm.export import export_answers
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    own, rest, i = dict(OWN_KEYS), argv[:1], 1
-    while i < len(argv):
-        key = argv[i][2:].split("=", 1)[0] if argv[i].startswith("--") else None
+    own, rest = dict(OWN_KEYS), argv[:1]
+    for key, value in _split_cli(argv[1:]):  # this script's keys; the rest are the recipe's
         if key in own:
-            if "=" in argv[i]:
-                own[key], i = argv[i].split("=", 1)[1], i + 1
-            elif i + 1 < len(argv):
-                own[key], i = argv[i + 1], i + 2
-            else:
+            if value is None:
                 raise SELMError(f"command line: --{key} needs a value")
+            own[key] = value
         else:
-            rest.append(argv[i])
-            i += 1
+            rest += [f"--{key}"] + ([] if value is None else [value])
     for key in ("format", "output"):
         if own[key] is None:
             raise SELMError(f"command line: --{key} is required ({__doc__.split(chr(10))[2].strip()})")

@@ -98,12 +98,11 @@ def greedy_rewards(model_path, conversations: list[list[dict]], batch_size: int 
                    max_new_tokens: int = 16) -> list[float]:
     """True reward of the model's greedy answer to each conversation (hf backend, as the pipeline's stages)."""
     from selm.configs import GenerationArguments
-    from selm.generation import Generator
+    from selm.generation import generate_responses
 
     settings = GenerationArguments(generation_backend="hf", temperature=0.0, max_new_tokens=max_new_tokens,
                                    generation_batch_size=batch_size)
-    with Generator(str(model_path), settings, progress=False) as generator:
-        answers = generator.generate(conversations)
+    answers = generate_responses(str(model_path), conversations, settings, progress=False)
     return [sorting_task.reward(c, a[0]) for c, a in zip(conversations, answers)]
 
 

@@ -70,7 +70,8 @@ def training_overlap(recipe, eval_rows) -> int:
     from selm.data import load_preference_data
 
     p = recipe.pipeline
-    train = load_preference_data(p.dataset_name, p.dataset_split, p.dataset_config, p.max_samples)
+    # Only the prompt texts: the portions validate their rows when they are cut.
+    train = load_preference_data(p.dataset_name, p.dataset_split, p.dataset_config, p.max_samples, validate=False)
     seen = set(train["prompt"])
     overlap = sum(prompt in seen for prompt in eval_rows["prompt"])
     if overlap == len(eval_rows):
@@ -122,18 +123,14 @@ def evaluate_stage(recipe, engine_kwargs: dict | None = None, progress: bool = T
     from transformers import AutoTokenizer
 
     from selm.data import prompt_messages
-    from selm.generation import SIGNATURE_KEYS, check_model_path, generate_in_shards, generator_kwargs
+    from selm.generation import SIGNATURE_KEYS, check_trained_model, generate_in_shards, generator_kwargs
     from selm.io import write_parquet, write_text
     from selm.ranking import build_scorer
 
     out = eval_dir(recipe)
     if (out / "metrics.json").exists():
         return json.loads((out / "metrics.json").read_text())
-    model_path = recipe.trained_model
-    if not recipe.base and not Path(model_path).is_dir():
-        raise SELMError(f"model directory not found: {model_path} (iteration {recipe.iteration} of {recipe.run_dir} "
-                        "is not trained yet: run its train stage first)")
-    check_model_path(model_path)
+    model_path = check_trained_model(recipe)
     started = time.perf_counter()
     rows = load_eval_rows(recipe)
     overlap = training_overlap(recipe, rows)
@@ -230,9 +227,9 @@ def implicit_rewards(recipe) -> "pyarrow.Table":  # noqa: F821
         return read_parquet(path)
     if recipe.base:
         raise SELMError("implicit rewards compare an iteration's model with its starting model; the base model has none")
-    policy_path, reference_path = recipe.trained_model, recipe.start_model
-    if not Path(policy_path).is_dir():
-        raise SELMError(f"model directory not found: {policy_path} (iteration {recipe.iteration} is not trained yet)")
+    from selm.generation import check_trained_model
+
+    policy_path, reference_path = check_trained_model(recipe), recipe.start_model
     rows = load_eval_rows(recipe)
     data = rows.map(lambda r: {**to_trainer_format(r), "prompt_id": r["prompt_id"]}, remove_columns=rows.column_names,
                     desc="Trainer format")

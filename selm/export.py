@@ -105,14 +105,12 @@ def export_answers(recipe, fmt: str, output, questions_path: str | None = None, 
     """
     import dataclasses
 
-    from selm.generation import Generator, generator_kwargs
+    from selm.generation import Generator, check_trained_model, generator_kwargs
     from selm.io import write_text
 
     if fmt not in FORMATS:
         raise SELMError(f"--format is {fmt!r}; expected one of {list(FORMATS)}")
-    model_path = recipe.trained_model
-    if not recipe.base and not Path(model_path).is_dir():
-        raise SELMError(f"model directory not found: {model_path} (iteration {recipe.iteration} is not trained yet)")
+    model_path = check_trained_model(recipe)
     model_id = model_id or f"{recipe.run_dir.name}-{'base' if recipe.base else f'iter{recipe.iteration}'}"
     questions = (load_alpaca_eval_questions if fmt == "alpaca_eval" else load_mt_bench_questions)(questions_path)
     if temperature < 0:

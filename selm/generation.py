@@ -58,6 +58,16 @@ def check_start_model(recipe) -> None:
                         else str(e)) from None
 
 
+def check_trained_model(recipe) -> str:
+    """The model an iteration produced (or the base model for `--iteration base`), which must exist; its path."""
+    model_path = recipe.trained_model
+    if not recipe.base and not Path(model_path).is_dir():
+        raise SELMError(f"model directory not found: {model_path} (iteration {recipe.iteration} of {recipe.run_dir} "
+                        "is not trained yet: run its train stage first)")
+    check_model_path(model_path)
+    return model_path
+
+
 def _eos_ids(tokenizer, model_path: str, trust_remote_code: bool) -> list[int]:
     """The tokenizer's EOS plus every EOS id of the model's generation config, in that order, deduplicated."""
     from transformers import GenerationConfig
@@ -390,10 +400,9 @@ def generate_in_shards(model_path: str, settings, conversations: list[list[dict]
         gen.check_lengths(encoded, names)  # every prompt, before anything is written
         shards = [(k, start, encoded[start:start + size], names[start:start + size])
                   for k, start in enumerate(range(0, len(names), size))]
-        pending = [s for s in shards if not _shard_path(shard_dir, s[0]).exists()]
-        for k, *_ in shards:  # a damaged shard is named now, not after hours of generating the others
-            if _shard_path(shard_dir, k).exists():
-                read_parquet(_shard_path(shard_dir, k))
+        # Finished shards are read now: a damaged one is named before hours of generating the others.
+        done = {k: read_parquet(_shard_path(shard_dir, k)) for k, *_ in shards if _shard_path(shard_dir, k).exists()}
+        pending = [s for s in shards if s[0] not in done]
         shard_dir.mkdir(parents=True, exist_ok=True)
         _check_signature(shard_dir, signature)
         if pending and len(pending) < len(shards):
@@ -414,7 +423,7 @@ def generate_in_shards(model_path: str, settings, conversations: list[list[dict]
 
     responses = []
     for k, _, _, shard_names in shards:
-        shard = read_parquet(_shard_path(shard_dir, k)).to_pydict()
+        shard = (done[k] if k in done else read_parquet(_shard_path(shard_dir, k))).to_pydict()
         if shard["prompt_id"] != shard_names:
             raise SELMError(f"{_shard_path(shard_dir, k)}: its prompt_ids do not match this run's prompts; delete "
                             f"{shard_dir} to start over")

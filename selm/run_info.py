@@ -184,7 +184,7 @@ def _process_seconds() -> float:
 
 
 @contextlib.contextmanager
-def stage_record(recipe, stage: str | None = None):
+def stage_record(recipe):
     """Record this launch of a stage in the recipe's run directory (the launch's main process only); mark it
     finished or failed when the block ends."""
     from selm.lock import is_launch_main
@@ -192,7 +192,7 @@ def stage_record(recipe, stage: str | None = None):
     if not is_launch_main():
         yield Launch(recipe.run_dir, None)
         return
-    stage = stage or recipe.stage
+    stage = recipe.stage
     iteration = "base" if recipe.base else recipe.iteration
     record = launch_record(stage, iteration, recipe=str(recipe.path), num_processes=recipe.num_processes)
     save_launch(recipe.run_dir, record)

@@ -10,11 +10,14 @@ from selm.io import atomic_path, parquet_num_rows, read_parquet, write_text
 
 def _shared_iteration_zero(run_dir: Path) -> str | None:
     """The frozen recipe's shared iteration-0 directory, when the run has one."""
-    import yaml
+    from selm.configs import _plan_of, load_recipe_yaml
 
     frozen = run_dir / "recipe.yaml"
-    recipe = (yaml.safe_load(frozen.read_text()) or {}) if frozen.exists() else {}
-    return recipe.get("iteration_zero_dir") if recipe.get("dpo_iteration_zero") else None
+    if not frozen.exists():
+        return None
+    recipe = load_recipe_yaml(frozen)
+    # read as make's plan reads it ('false' in quotes is false)
+    return recipe.get("iteration_zero_dir") if _plan_of(recipe, str(frozen))["dpo_iteration_zero"] else None
 
 
 def _iteration_dirs(run_dir: Path) -> list[tuple[int, Path]]:
