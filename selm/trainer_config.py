@@ -39,7 +39,7 @@ class SELMConfig(DPOConfig):
         metadata={
             "help": "Score each prompt once for all its completions: one packed row per example with a 4-D attention "
             "mask, exact (README, Performance). 'auto' (default): per batch, only when the estimate from its token "
-            "counts and attention area says it is at least 10% cheaper, and never where 'true' would refuse (so "
+            "counts and attention area says it is at least 10%% cheaper, and never where 'true' would refuse (so "
             "never with flash_attention_2). 'true': every batch (needs attn_implementation sdpa or eager; refuses "
             "flash_attention_2, truncation_mode keep_end, prompt-learning PEFT, an MoE auxiliary loss and "
             "compute_metrics). 'false': one row per completion, as trl does.",
