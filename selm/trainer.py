@@ -40,7 +40,7 @@ from trl.trainer.dpo_trainer import DataCollatorForPreference
 from trl.trainer.utils import get_config_model_id, pad, use_adapter
 
 from selm import prefix_sharing
-from selm.errors import SELMError
+from selm.errors import SELMError, SELMValueError
 from selm.trainer_config import SELMConfig
 
 REFERENCE = "reference_response"
@@ -66,6 +66,12 @@ def _row_lengths(dataset, groups=GROUPS) -> np.ndarray:
         completions = [pc.list_value_length(batch[f"{g}_ids"]).to_numpy() for g in groups]
         parts.append(pc.list_value_length(batch["prompt_ids"]).to_numpy() + np.max(completions, axis=0))
     return np.concatenate(parts)
+
+
+def _is_streaming(datasets) -> bool:
+    """Whether a dataset, or any dataset of a dict of them (eval datasets), is an IterableDataset."""
+    values = datasets.values() if isinstance(datasets, dict) else [datasets]
+    return any(isinstance(d, IterableDataset) for d in values)
 
 
 def require_reference(dataset, name: str, alpha: float) -> None:
@@ -177,9 +183,16 @@ class SELMTrainer(DPOTrainer):
         if args is None:  # as DPOTrainer does, with this trainer's config class
             args = SELMConfig(f"{model_name.split('/')[-1]}-SELM")
         self.alpha = float(getattr(args, "alpha", 0.0))
-        if train_dataset is not None:
+        # Anything else (None, a list) is left to DPOTrainer, which raises its own ValueError / TypeError for it.
+        known = isinstance(train_dataset, (Dataset, IterableDataset))
+        if known:
             require_reference(train_dataset, "train", self.alpha)
-        columns = _column_names(train_dataset) if train_dataset is not None else []
+        columns = _column_names(train_dataset) if known else []
+        if _is_streaming(eval_dataset):
+            # DPOTrainer does this for a streaming train dataset only. Accelerate's dispatcher slices every batch
+            # tensor to the first tensor's length, which cuts the per-completion tensors of packed rows (seen:
+            # IndexError in evaluation); without dispatching, each process reads its own batches, as in training.
+            args.accelerator_config.dispatch_batches = False
         vision = "image" in columns or "images" in columns  # DPOTrainer's test for a vision dataset
         if REFERENCE in columns:
             self._check_supported(args)
@@ -195,7 +208,7 @@ class SELMTrainer(DPOTrainer):
             # DPOTrainer's pad-token rule, which it applies only to a collator it builds itself
             pad_token = args.pad_token or tokenizer.pad_token or tokenizer.eos_token
             if pad_token not in tokenizer.get_vocab():
-                raise SELMError(f"training config: pad_token {pad_token!r} is not in the vocabulary of "
+                raise SELMValueError(f"training config: pad_token {pad_token!r} is not in the vocabulary of "
                                 f"{type(processing_class).__name__}; set pad_token to a token it has")
             tokenizer.pad_token = pad_token
             mode, weight = self._prefix_sharing_mode(model, ref_model, args, processing_class, kwargs)
@@ -375,7 +388,8 @@ class SELMTrainer(DPOTrainer):
         # file that, for an in-memory dataset, lies in a per-process temporary directory, so the other ranks of a
         # multi-process launch cannot open it (seen: FileNotFoundError on rank 1, ZeRO-3 over 2 processes).
         if isinstance(dataset, IterableDataset):
-            raise SELMError("precompute_ref_log_probs: true needs a map-style dataset, not a streaming one")
+            raise SELMValueError("precompute_ref_log_probs: true needs a map-style dataset, not a streaming one "
+                                 "(datasets.IterableDataset), as in DPOTrainer; set precompute_ref_log_probs: false")
         groups = GROUPS if REFERENCE in _column_names(dataset) else GROUPS[:2]
         # Scored in order of length, so a batch holds rows of similar length and little padding: this is what makes
         # the precompute pass cheaper than the reference forwards it replaces. Scattered back to row order below.

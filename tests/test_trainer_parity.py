@@ -225,3 +225,61 @@ def test_processor_backed_model_equals_dpo_trainer(with_images, vlm_dir, tmp_pat
     else:
         assert selm.data_collator.prefix_sharing == "false"
     assert_same_logs(logged(dpo), logged(selm))
+
+
+# ---- streaming datasets (datasets.IterableDataset), as train and as eval dataset ----
+@pytest.mark.parametrize("stream_train", [False, True])
+def test_streaming_datasets_equal_dpo_trainer(stream_train, tmp_path, models, tokenizer):
+    """A streaming eval dataset (and train dataset) gives DPOTrainer's logs, eval entries included, packed or not."""
+    import datasets
+
+    extra = {"eval_strategy": "steps", "eval_steps": 1, "per_device_eval_batch_size": 3}
+    data = datasets.Dataset.from_list(conversational())
+    data = data.to_iterable_dataset() if stream_train else data
+    eval_data = datasets.Dataset.from_list(conversational(5, offset=20)).to_iterable_dataset()
+    dpo_logs = logged(run_dpo(models, tokenizer, data, common_args(tmp_path / "dpo", extra), eval_data))
+    assert sum("eval_loss" in entry for entry in dpo_logs) == STEPS
+    for sharing in ("false", "true"):
+        selm = run_selm(models, tokenizer, data, common_args(tmp_path / sharing, extra), eval_data,
+                        prefix_sharing=sharing)
+        assert selm.data_collator.prefix_sharing == sharing
+        assert_same_logs(dpo_logs, logged(selm))
+
+
+def _dataset(streaming=False):
+    import datasets
+
+    data = datasets.Dataset.from_list(conversational())
+    return data.to_iterable_dataset() if streaming else data
+
+
+# name: (train data, config overrides, whether ref_model is the policy itself)
+BAD_SETTINGS = {
+    "pad_token outside the vocabulary": (_dataset, {"pad_token": "<not-a-token>"}, False),
+    "precompute with a streaming dataset": (lambda: _dataset(streaming=True), {"precompute_ref_log_probs": True},
+                                            False),
+    "no train dataset": (lambda: None, {}, False),
+    "train dataset of the wrong type": (conversational, {}, False),  # a plain list of rows
+    "ref_model is the model": (_dataset, {}, True),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_SETTINGS))
+def test_bad_setting_raises_dpo_trainers_exception_type(case, tmp_path, models, tokenizer):
+    """Where DPOTrainer raises for a bad setting, SELMTrainer raises the same type (its own errors subclass it)."""
+    from trl import DPOConfig, DPOTrainer
+
+    from selm.trainer import SELMTrainer
+    from selm.trainer_config import SELMConfig
+
+    make_data, extra, same_model = BAD_SETTINGS[case]
+    raised = {}
+    for name, trainer, config in (("dpo", DPOTrainer, DPOConfig), ("selm", SELMTrainer, SELMConfig)):
+        policy = copy.deepcopy(models[0])
+        reference = policy if same_model else copy.deepcopy(models[1])
+        with pytest.raises(Exception) as err:
+            trainer(policy, ref_model=reference, args=config(**common_args(tmp_path / name, extra)),
+                    train_dataset=make_data(), processing_class=copy.deepcopy(tokenizer))
+        raised[name] = err.value
+    assert type(raised["dpo"]) in (ValueError, TypeError), repr(raised["dpo"])
+    assert isinstance(raised["selm"], type(raised["dpo"])), (repr(raised["dpo"]), repr(raised["selm"]))
