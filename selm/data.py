@@ -3,8 +3,15 @@
 A row has `prompt` (str), `prompt_id` (str), `chosen` and `rejected` (lists of {role, content} messages ending in
 the assistant's answer); score columns are optional. Conversations may be multi-turn and start with a system
 message: the prompt of a row is every message before its final assistant turn, shared by chosen and rejected.
+`prompt` is the text of the last user message (the turn being answered); a set without `prompt_id` gets
+sha256(prompt) as UltraFeedback's ids are. trl's conversational preference formats (chosen/rejected holding the whole
+conversation, or an explicit `prompt` message list) are converted to this schema on load (docs/data.md).
+
+Prompts and prompt_ids may repeat (several pairs per prompt): every row is its own example in every stage, and the
+stages that pair rows (generation shards, evaluations of two runs) pair them by position, not by id.
 """
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +57,7 @@ def load_preference_data(name: str, split: str = "train", config: str | None = N
         source = f"{name}:{split}"
     if max_samples is not None:
         dataset = dataset.select(range(min(max_samples, len(dataset))))
+    dataset = to_ultrafeedback_schema(dataset, source)
     if validate:  # every row's schema (a Python pass over the rows: skipped by callers that read one column)
         validate_preference_data(dataset, source)
     return dataset
@@ -78,7 +86,9 @@ def _load(load, source: str):
         raise SELMError(f"{source}: could not be read ({type(cause).__name__}: {detail})") from None
 
 
-def _check_messages(messages, source: str, row: int, column: str) -> None:
+def _check_messages(messages, source: str, row: int, column: str, answer: str = "conversation") -> None:
+    """A non-empty list of {role, content} messages with string content. `answer` says what it must end with:
+    'conversation' (the assistant's answer to a user message), 'answer' (the assistant's turn), 'prompt' (anything)."""
     def bad(why):
         return SELMError(f"{source}: row {row}, column '{column}': {why}")
 
@@ -91,35 +101,93 @@ def _check_messages(messages, source: str, row: int, column: str) -> None:
             raise bad(f"message {i} has role {message['role']!r}; expected one of {list(ROLES)}")
         if not isinstance(message["content"], str):
             raise bad(f"message {i} content is not a string")
-    if messages[-1]["role"] != "assistant":
+    if answer != "prompt" and messages[-1]["role"] != "assistant":
         raise bad("the last message must be the assistant's answer")
-    if len(messages) < 2 or messages[-2]["role"] != "user":
+    if answer == "conversation" and (len(messages) < 2 or messages[-2]["role"] != "user"):
         raise bad("the assistant's answer must follow a user message")
 
 
+def prompt_id_of(prompt: str) -> str:
+    """UltraFeedback's id of a prompt: the SHA-256 hex digest of its UTF-8 text."""
+    return hashlib.sha256(prompt.encode("utf-8")).hexdigest()
+
+
+def prompt_text(conversation) -> str | None:
+    """The `prompt` of a conversation ending in the answer: the last user message's text (None if it has none)."""
+    if not isinstance(conversation, list):
+        return None
+    users = [m for m in conversation[:-1] if isinstance(m, dict) and m.get("role") == "user"]
+    text = users[-1].get("content") if users else None
+    return text if isinstance(text, str) else None
+
+
+def data_format(dataset, source: str) -> str:
+    """'ultrafeedback' (prompt text + whole conversations), 'implicit_prompt' (trl: no prompt column, chosen/rejected
+    hold the prompt turns) or 'explicit_prompt' (trl: prompt is a message list, chosen/rejected the answer turns)."""
+    import datasets
+
+    columns = dataset.column_names
+    for column in ("chosen", "rejected"):
+        if column not in columns:
+            raise SELMError(f"{source}: missing column '{column}' (expected the UltraFeedback schema "
+                            f"{list(REQUIRED_COLUMNS)} or trl's conversational preference format: chosen, rejected "
+                            "and optionally prompt)")
+    if "prompt" not in columns:
+        return "implicit_prompt"
+    return "ultrafeedback" if isinstance(dataset.features["prompt"], datasets.Value) else "explicit_prompt"
+
+
+def _join_explicit_prompt(example, row, source):
+    """trl's explicit-prompt row -> whole conversations; each column checked as the user wrote it."""
+    _check_messages(example["prompt"], source, row, "prompt", answer="prompt")
+    for column in ("chosen", "rejected"):
+        _check_messages(example[column], source, row, column, answer="answer")
+    chosen, rejected = example["prompt"] + example["chosen"], example["prompt"] + example["rejected"]
+    return {"prompt": prompt_text(chosen), "chosen": chosen, "rejected": rejected}
+
+
+def to_ultrafeedback_schema(dataset, source: str):
+    """A loaded split in the UltraFeedback schema: trl's conversational formats converted, missing prompt_ids derived
+    from the prompt. Rows keep their order and their other columns."""
+    form = data_format(dataset, source)
+    if form == "explicit_prompt":
+        dataset = dataset.map(_join_explicit_prompt, with_indices=True, fn_kwargs={"source": source},
+                              remove_columns=["prompt"], desc="trl's explicit-prompt format")
+    elif form == "implicit_prompt":
+        dataset = dataset.add_column("prompt", [prompt_text(c) for c in dataset["chosen"]])
+    if "prompt_id" not in dataset.column_names:
+        ids = [prompt_id_of(p) if isinstance(p, str) else None for p in dataset["prompt"]]
+        dataset = dataset.add_column("prompt_id", ids)
+    return dataset
+
+
 def validate_preference_data(dataset, source: str) -> None:
-    """Raise SELMError naming the source, row and column of the first malformed row."""
+    """Raise SELMError naming the source, row and column of the first malformed row. Repeated prompts and
+    prompt_ids are accepted: each row is its own example."""
     missing = [c for c in REQUIRED_COLUMNS if c not in dataset.column_names]
     if missing:
         raise SELMError(f"{source}: missing column '{missing[0]}' (the UltraFeedback schema needs {list(REQUIRED_COLUMNS)})")
     if len(dataset) == 0:
         raise SELMError(f"{source}: no rows")
-    first_row_of = {}  # prompt_id -> row: ranking, generation shards and the reports identify a prompt by it
     for row, example in enumerate(dataset.select_columns(list(REQUIRED_COLUMNS))):
-        for column in ("prompt", "prompt_id"):
-            if not isinstance(example[column], str):
-                raise SELMError(f"{source}: row {row}, column '{column}': expected a string")
-        prompt_id = example["prompt_id"]
-        if not prompt_id.strip():
-            raise SELMError(f"{source}: row {row}, column 'prompt_id': empty; every row needs its own id")
-        if prompt_id in first_row_of:
-            raise SELMError(f"{source}: rows {first_row_of[prompt_id]} and {row} have the same prompt_id "
-                            f"{prompt_id!r}; prompt_ids must be unique (drop or rename the duplicate)")
-        first_row_of[prompt_id] = row
         for column in ("chosen", "rejected"):
             _check_messages(example[column], source, row, column)
         if example["chosen"][:-1] != example["rejected"][:-1]:
             raise SELMError(f"{source}: row {row}, column 'rejected': its prompt messages differ from 'chosen'")
+        for column in ("prompt", "prompt_id"):
+            if not isinstance(example[column], str):
+                raise SELMError(f"{source}: row {row}, column '{column}': expected a string")
+        if not example["prompt_id"].strip():
+            raise SELMError(f"{source}: row {row}, column 'prompt_id': empty; every row needs an id (or drop the "
+                            "column: ids are then derived from the prompt)")
+
+
+def repeat_counts(prompt_ids, conversations) -> dict:
+    """Rows, and how many distinct prompts (the messages answered) and prompt_ids they hold, for the reports."""
+    import json
+
+    return {"rows": len(prompt_ids), "distinct_prompts": len({json.dumps(c, sort_keys=True) for c in conversations}),
+            "distinct_prompt_ids": len(set(prompt_ids))}
 
 
 def prompt_messages(example) -> list[dict]:

@@ -86,8 +86,14 @@ DATA_CASES = {
                                        ["{data}: row 6, column 'rejected': the last message must be the assistant's"]),
     "non-string content": (_from_row_6(lambda r: r["chosen"][-1].update(content=42)),
                            ["{data}: row 6, column 'chosen': message 1 content is not a string"]),
-    "duplicate prompt_id": (lambda rows: rows[6].update(prompt_id=rows[2]["prompt_id"]),
-                            ["{data}: rows 2 and 6 have the same prompt_id 'fixture-0002'"]),
+    "trl format, rejected prompt differs": (
+        lambda rows: [r.pop("prompt") for r in rows] and rows[6].update(
+            rejected=[{"role": "user", "content": "another question"}] + rows[6]["rejected"][-1:]),
+        ["{data}: row 6, column 'rejected': its prompt messages differ from 'chosen'"]),
+    "trl format, last turn not the assistant's": (
+        lambda rows: [r.update(prompt=r["chosen"][:-1], chosen=r["chosen"][-1:], rejected=r["rejected"][-1:])
+                      for r in rows] and rows[6].update(chosen=[{"role": "user", "content": "q"}]),
+        ["{data}: row 6, column 'chosen': the last message must be the assistant's answer"]),
     "empty prompt_id": (lambda rows: rows[6].update(prompt_id=" "), ["{data}: row 6, column 'prompt_id': empty"]),
 }
 

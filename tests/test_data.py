@@ -109,3 +109,129 @@ def test_atomic_write_leaves_nothing_under_the_final_name_on_failure(tmp_path):
         tmp.mkdir()
         (tmp / "config.json").write_text("{}")
     assert (tmp_path / "model" / "config.json").exists() and len(list(tmp_path.iterdir())) == 2
+
+
+# ---- accepted formats: each converts to the UltraFeedback schema on load ----
+def sha256_hex(text):
+    import hashlib
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def implicit_prompt_row(row):  # trl: chosen/rejected hold the whole conversation, no prompt column
+    return {"chosen": row["chosen"], "rejected": row["rejected"], "score_chosen": row["score_chosen"]}
+
+
+def explicit_prompt_row(row):  # trl: the prompt turns apart, chosen/rejected only the answer
+    return {"prompt": row["chosen"][:-1], "chosen": row["chosen"][-1:], "rejected": row["rejected"][-1:]}
+
+
+FORMATS = {  # name: (row in that format from a fixture row, whether the fixture's own prompt_id is kept)
+    "ultrafeedback": (lambda r: r, True),
+    "ultrafeedback without prompt_id": (lambda r: {k: v for k, v in r.items() if k != "prompt_id"}, False),
+    "trl implicit prompt": (implicit_prompt_row, False),
+    "trl implicit prompt with prompt_id": (lambda r: {**implicit_prompt_row(r), "prompt_id": r["prompt_id"]}, True),
+    "trl explicit prompt": (explicit_prompt_row, False),
+}
+
+
+@pytest.mark.parametrize("form", sorted(FORMATS))
+def test_formats_load_as_the_ultrafeedback_schema(tmp_path, form):
+    convert, keeps_id = FORMATS[form]
+    rows = fixture_rows(12)  # multi-turn rows and system messages included
+    ds = load_preference_data(str(write_jsonl(tmp_path / "d.jsonl", [convert(r) for r in rows])))
+    assert len(ds) == len(rows)
+    for got, row in zip(ds, rows):
+        # prompt = the text of the last user message, as in the fixture (and UltraFeedback, which is single-turn)
+        assert (got["prompt"], got["chosen"], got["rejected"]) == (row["prompt"], row["chosen"], row["rejected"])
+        assert got["prompt_id"] == (row["prompt_id"] if keeps_id else sha256_hex(row["prompt"]))
+
+
+@pytest.mark.parametrize("layout", ["parquet file", "directory of splits", "json file"])
+def test_conversational_format_loads_from_every_local_layout(tmp_path, layout):
+    import pyarrow as pa
+    rows = fixture_rows(8)
+    converted = [explicit_prompt_row(r) for r in rows]
+    if layout == "parquet file":
+        name, split = tmp_path / "d.parquet", "train"
+        pq.write_table(pa.Table.from_pylist(converted), name)
+    elif layout == "json file":
+        name, split = tmp_path / "d.json", "train"
+        name.write_text(json.dumps(converted))
+    else:
+        name, split = tmp_path / "splits", "test_prefs[:5]"
+        name.mkdir()
+        write_jsonl(name / "test_prefs.jsonl", converted)
+    ds = load_preference_data(str(name), split)
+    assert ds["chosen"] == [r["chosen"] for r in rows][:len(ds)] and len(ds) == (5 if "[" in split else 8)
+    assert ds["prompt"] == [r["prompt"] for r in rows][:len(ds)]
+
+
+def test_derived_id_is_ultrafeedbacks():
+    """The first row of UltraFeedback's train_prefs: its prompt_id is the SHA-256 of its prompt text."""
+    import datasets
+
+    from selm.data import to_ultrafeedback_schema
+    row = {k: v for k, v in fixture_rows(1)[0].items() if k != "prompt_id"}
+    row["prompt"] = "how can i develop a habit of drawing daily"
+    ds = to_ultrafeedback_schema(datasets.Dataset.from_list([row]), "row")
+    assert ds[0]["prompt_id"] == "086b3e24f29b8956a01059f79c56db35d118a06fb6b844b095737d042795cd43"
+
+
+def test_repeated_prompts_and_prompt_ids_are_rows_of_their_own(tmp_path):
+    from selm.data import repeat_counts
+    rows = fixture_rows(6)
+    rows += [dict(rows[1]), {**rows[1], "chosen": rows[1]["chosen"][:-1] + [{"role": "assistant", "content": "z"}]},
+             {**rows[2], "prompt_id": rows[0]["prompt_id"]}]  # same row twice, same prompt other pair, same id
+    ds = load_preference_data(str(write_jsonl(tmp_path / "d.jsonl", rows)))
+    assert ds["prompt_id"] == [r["prompt_id"] for r in rows] and ds["chosen"] == [r["chosen"] for r in rows]
+    counts = repeat_counts(ds["prompt_id"], [prompt_messages(r) for r in ds])
+    assert counts == {"rows": 9, "distinct_prompts": 6, "distinct_prompt_ids": 6}
+
+
+def _conversation_mutations():
+    def last(column, change):
+        return lambda r: change(r[column][-1])
+    return {  # name: (row format, mutation of rows 6.., column named, fragment)
+        "implicit: empty conversation": (implicit_prompt_row, lambda r: r.update(chosen=[]), "chosen", "non-empty list"),
+        "implicit: last turn is the user's": (implicit_prompt_row, lambda r: r.update(rejected=r["rejected"][:-1]),
+                                              "rejected", "the last message must be the assistant's"),
+        "implicit: non-string content": (implicit_prompt_row, last("chosen", lambda m: m.update(content=3)), "chosen",
+                                         "content is not a string"),
+        "implicit: chosen and rejected prompts differ": (
+            implicit_prompt_row, lambda r: r.update(rejected=[{"role": "user", "content": "other"}] + r["rejected"][-1:]),
+            "rejected", "its prompt messages differ from 'chosen'"),
+        "explicit: empty prompt": (explicit_prompt_row, lambda r: r.update(prompt=[]), "prompt", "non-empty list"),
+        "explicit: non-string prompt content": (explicit_prompt_row, last("prompt", lambda m: m.update(content=3)),
+                                                "prompt", "content is not a string"),
+        "explicit: empty answer": (explicit_prompt_row, lambda r: r.update(rejected=[]), "rejected", "non-empty list"),
+        "explicit: last turn is the user's": (
+            explicit_prompt_row, lambda r: r.update(chosen=[{"role": "user", "content": "q"}]), "chosen",
+            "the last message must be the assistant's"),
+        "explicit: prompt without a user turn": (
+            explicit_prompt_row, lambda r: r.update(prompt=[{"role": "system", "content": "s"}]), "chosen",
+            "the assistant's answer must follow a user message"),
+    }
+
+
+CONVERSATION_CASES = _conversation_mutations()
+
+
+@pytest.mark.parametrize("case", sorted(CONVERSATION_CASES))
+def test_malformed_conversational_row_names_file_row_and_column(tmp_path, case):
+    convert, mutate, column, why = CONVERSATION_CASES[case]
+    rows = [convert(r) for r in fixture_rows(10)]
+    for r in rows[6:]:
+        mutate(r)
+    path = write_jsonl(tmp_path / "bad.jsonl", rows)
+    with pytest.raises(SELMError) as err:
+        load_preference_data(str(path))
+    message = str(err.value)
+    assert message.startswith(f"{path}: row 6, column '{column}': ") and why in message, message
+    assert "\n" not in message
+
+
+def test_conversational_set_missing_a_column_is_named(tmp_path):
+    rows = [{"chosen": r["chosen"]} for r in fixture_rows(4)]
+    path = write_jsonl(tmp_path / "norej.jsonl", rows)
+    with pytest.raises(SELMError, match=rf"{path}: missing column 'rejected' \(expected the UltraFeedback schema"):
+        load_preference_data(str(path))
