@@ -45,15 +45,16 @@ def _load_runs(run_dirs: list[Path]) -> dict:
 
 
 def _paired_difference(a_dir: str, b_dir: str) -> dict:
-    """Mean per-prompt reward difference A − B, paired by prompt_id, with its standard error."""
+    """Mean per-row reward difference A − B, with its standard error. Rows pair by position in the held-out split
+    (prompt_ids may repeat); _load_runs checked that both answered the same rows, and each pair is checked here."""
     from selm.io import read_parquet
 
-    def rewards(d):
-        t = read_parquet(Path(d) / "answers.parquet", columns=["prompt_id", "reward"]).to_pydict()
-        return dict(zip(t["prompt_id"], t["reward"]))
-
-    a, b = rewards(a_dir), rewards(b_dir)
-    diffs = [a[k] - b[k] for k in a if k in b]
+    a, b = (read_parquet(Path(d) / "answers.parquet", columns=["prompt_id", "reward"]).to_pydict()
+            for d in (a_dir, b_dir))
+    if a["prompt_id"] != b["prompt_id"]:
+        raise SELMError(f"{a_dir} and {b_dir}: answers.parquet holds other held-out rows (or another order); "
+                        "they cannot be paired")
+    diffs = [x - y for x, y in zip(a["reward"], b["reward"])]
     mean = sum(diffs) / len(diffs)
     sd = math.sqrt(sum((x - mean) ** 2 for x in diffs) / (len(diffs) - 1)) if len(diffs) > 1 else 0.0
     return {"mean": mean, "sem": sd / math.sqrt(len(diffs)), "pairs": len(diffs)}
@@ -68,8 +69,14 @@ def implicit_reward_differences(run_a: Path, run_b: Path, iteration: str) -> dic
     for run in (run_a, run_b):
         recipe, _ = parse_recipe([str(run / "recipe.yaml"), "--iteration", iteration], stage="evaluate")
         tables.append(implicit_rewards(recipe).to_pydict())
-    b_index = {pid: i for i, pid in enumerate(tables[1]["prompt_id"])}
-    pairs = [(i, b_index[pid]) for i, pid in enumerate(tables[0]["prompt_id"]) if pid in b_index]
+    for run, table in zip((run_a, run_b), tables):
+        if "row" not in table:  # written before rows were keyed by position; prompt_ids alone may repeat
+            raise SELMError(f"{run}: iter-{iteration}/eval/implicit_rewards.parquet has no 'row' column; delete it "
+                            "and compare again (it is recomputed)")
+    # A row is its position in the held-out split (and its prompt_id, which must then agree): ids may repeat.
+    b_index = {(row, pid): j for j, (row, pid) in enumerate(zip(tables[1]["row"], tables[1]["prompt_id"]))}
+    pairs = [(i, b_index[key]) for i, key in enumerate(zip(tables[0]["row"], tables[0]["prompt_id"]))
+             if key in b_index]
     return {group: [tables[0][f"{group}_reward"][i] - tables[1][f"{group}_reward"][j] for i, j in pairs]
             for group in ("chosen", "rejected")}
 
@@ -125,12 +132,18 @@ def compare_runs(run_dirs, output_dir, iteration: str | None = None, implicit: b
     return result
 
 
+def _held_out_rows(prompts: dict) -> str:
+    """'40 held-out prompts', or '40 held-out rows (25 distinct prompts)' when prompts repeat."""
+    rows, distinct = prompts["rows"], prompts.get("distinct_prompts", prompts["rows"])
+    return f"{rows} held-out prompts" if distinct == rows else f"{rows} held-out rows ({distinct} distinct prompts)"
+
+
 def to_markdown(result: dict) -> str:
     names = list(result["runs"])
     iterations = sorted({it for r in result["runs"].values() for it in r["held_out"]},
                         key=lambda it: -1 if it == "base" else int(it))
     lines = [f"# Held-out comparison: {result['metric']}", "",
-             f"{result['prompts']['rows']} held-out prompts ({result['prompts']['dataset']}:{result['prompts']['split']}); "
+             f"{_held_out_rows(result['prompts'])} ({result['prompts']['dataset']}:{result['prompts']['split']}); "
              "each cell: mean ± standard error (win rate against the reference answer).", "",
              "| iteration | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     for it in iterations:
@@ -139,9 +152,9 @@ def to_markdown(result: dict) -> str:
             m = result["runs"][n]["held_out"].get(it)
             cells.append(f"{m['mean']:.4f} ± {m['sem']:.4f} ({m['win_rate']:.3f})" if m else "-")
         lines.append(f"| {it} | " + " | ".join(cells) + " |")
-    lines += ["", f"Paired by prompt at iteration {result['iteration']}:", ""]
+    lines += ["", f"Paired by held-out row at iteration {result['iteration']}:", ""]
     for label, d in result["paired_difference"].items():
-        lines.append(f"- {label}: {d['mean']:+.4f} ± {d['sem']:.4f} (s.e., {d['pairs']} prompts)")
+        lines.append(f"- {label}: {d['mean']:+.4f} ± {d['sem']:.4f} (s.e., {d['pairs']} rows)")
     for label, d in result.get("implicit_reward_difference", {}).items():
         lines.append(f"- implicit reward {label}: chosen {d['chosen']['mean']:+.4f} (above 0 on "
                      f"{d['chosen']['share_above_zero']:.0%}), rejected {d['rejected']['mean']:+.4f} (above 0 on "

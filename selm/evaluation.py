@@ -122,7 +122,7 @@ def evaluate_stage(recipe, engine_kwargs: dict | None = None, progress: bool = T
     import pyarrow as pa
     from transformers import AutoTokenizer
 
-    from selm.data import prompt_messages
+    from selm.data import prompt_messages, repeat_counts
     from selm.generation import SIGNATURE_KEYS, check_trained_model, generate_in_shards, generator_kwargs
     from selm.io import write_parquet, write_text
     from selm.ranking import build_scorer
@@ -177,7 +177,7 @@ def evaluate_stage(recipe, engine_kwargs: dict | None = None, progress: bool = T
         "mean_answer_tokens": sum(answer_tokens) / len(answer_tokens),
         "prompts": {"dataset": recipe.evaluation.eval_dataset_name or recipe.pipeline.dataset_name,
                     "split": recipe.evaluation.eval_split, "eval_max_samples": recipe.evaluation.eval_max_samples,
-                    "rows": len(names), "prompt_ids_sha256": _prompt_ids_digest(names),
+                    **repeat_counts(names, prompts), "prompt_ids_sha256": _prompt_ids_digest(names),
                     "also_in_training_data": overlap},
         "ranker": _ranker_description(r),
         "generation": {"backend": settings.generation_backend, "greedy": True,
@@ -215,7 +215,8 @@ def implicit_rewards(recipe) -> "pyarrow.Table":  # noqa: F821
     """r(x, y) = β·(log πθ(y|x) − log πref(y|x)) for the chosen and rejected answer of every held-out pair, with πθ
     this iteration's model and πref its starting model, token-summed log-probs computed by the trainer's own code.
 
-    Cached in <iter-K>/eval/implicit_rewards.parquet (atomic); rows dropped by the trainer's length rules are absent.
+    Cached in <iter-K>/eval/implicit_rewards.parquet (atomic); rows dropped by the trainer's length rules are absent,
+    so each row keeps its position in the held-out split (`row`), which pairs it with another run's (ids may repeat).
     """
     import pyarrow as pa
 
@@ -231,15 +232,15 @@ def implicit_rewards(recipe) -> "pyarrow.Table":  # noqa: F821
 
     policy_path, reference_path = check_trained_model(recipe), recipe.start_model
     rows = load_eval_rows(recipe)
-    data = rows.map(lambda r: {**to_trainer_format(r), "prompt_id": r["prompt_id"]}, remove_columns=rows.column_names,
-                    desc="Trainer format")
+    data = rows.map(lambda r, i: {**to_trainer_format(r), "prompt_id": r["prompt_id"], "row": i}, with_indices=True,
+                    remove_columns=rows.column_names, desc="Trainer format")
     beta = float(recipe.training["beta"])
     logps = {name: completion_logps(recipe, model, data) for name, model in (("policy", policy_path),
                                                                              ("reference", reference_path))}
-    ids = logps["policy"]["prompt_id"]
-    if ids != logps["reference"]["prompt_id"]:
+    ids, kept = logps["policy"]["prompt_id"], logps["policy"]["row"]
+    if kept != logps["reference"]["row"]:
         raise SELMError(f"{policy_path} and {reference_path} kept different held-out rows; cannot pair them")
-    columns = {"prompt_id": ids}
+    columns = {"row": kept, "prompt_id": ids}
     for group in ("chosen", "rejected"):
         policy, reference = logps["policy"][group], logps["reference"][group]
         columns[f"{group}_logp_policy"], columns[f"{group}_logp_reference"] = policy, reference
@@ -250,7 +251,7 @@ def implicit_rewards(recipe) -> "pyarrow.Table":  # noqa: F821
 
 
 def completion_logps(recipe, model_path: str, data) -> dict:
-    """{'prompt_id': [...], 'chosen': [...], 'rejected': [...]}: token-summed completion log-probs under a model."""
+    """{'row', 'prompt_id', 'chosen', 'rejected'}: token-summed completion log-probs under a model, per kept row."""
     import tempfile
 
     from transformers import AutoTokenizer
@@ -265,5 +266,5 @@ def completion_logps(recipe, model_path: str, data) -> dict:
         args = recipe.training_config(output_dir=tmp, alpha=0.0, report_to="none", save_strategy="no",
                                       push_to_hub=False, disable_tqdm=True)
         scored = trainer_logps(model, tokenizer, data, args)
-    return {"prompt_id": scored["prompt_id"], "chosen": scored["ref_chosen_logps"],
+    return {"row": scored["row"], "prompt_id": scored["prompt_id"], "chosen": scored["ref_chosen_logps"],
             "rejected": scored["ref_rejected_logps"]}

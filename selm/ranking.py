@@ -132,7 +132,10 @@ def rank_rows(rows: list[dict], scorer, update_rule: str = "best_worst", on_tie:
 
 
 def build_report(rows, candidates, scores, kept, dropped) -> dict:
-    """Counts for rank_report.json. 'generated chosen/rejected/neither' are over the kept (output) rows."""
+    """Counts for rank_report.json. 'generated chosen/rejected/neither' are over the kept (output) rows; rows may
+    repeat a prompt or prompt_id, each counted as its own row (distinct_prompts / distinct_prompt_ids count them)."""
+    from selm.data import repeat_counts
+
     def is_generated(index, row):
         return index < len(row["candidates"]) - 2
 
@@ -146,6 +149,8 @@ def build_report(rows, candidates, scores, kept, dropped) -> dict:
 
     return {
         "rows_in": len(rows),
+        **{k: v for k, v in repeat_counts([r["prompt_id"] for r in rows], [r["chosen"][:-1] for r in rows]).items()
+           if k != "rows"},
         "rows_out": len(kept),
         "rows_dropped": len(dropped),
         # rows whose chosen and rejected score the same, whatever on_tie did with them (dropped or kept)

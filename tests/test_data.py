@@ -235,3 +235,77 @@ def test_conversational_set_missing_a_column_is_named(tmp_path):
     path = write_jsonl(tmp_path / "norej.jsonl", rows)
     with pytest.raises(SELMError, match=rf"{path}: missing column 'rejected' \(expected the UltraFeedback schema"):
         load_preference_data(str(path))
+
+
+# ---- a portion with repeated prompts and prompt_ids through every stage ----
+def with_repeats(rows):
+    """rows[:-1] + the same row again, the same prompt with another pair, and the last row (a prompt of its own)
+    under a repeated prompt_id."""
+    rows, last = rows[:-1], rows[-1]
+    other = {**rows[1], "rejected": rows[1]["rejected"][:-1] + [{"role": "assistant", "content": "no idea"}]}
+    return rows + [dict(rows[0]), other, {**last, "prompt_id": rows[2]["prompt_id"]}]
+
+
+def test_repeated_rows_go_through_generate_rank_train_evaluate_and_compare(tmp_path, tiny_model_dir):
+    import pyarrow as pa
+
+    from selm.comparison import _paired_difference, implicit_reward_differences
+    from selm.configs import parse_recipe
+    from selm.evaluation import evaluate_stage, implicit_rewards
+    from selm.io import read_parquet
+    from selm.tiny import fixture_splits
+
+    from conftest import script_main, write_smoke_recipe
+
+    splits = fixture_splits(10, 6)
+    train = [implicit_prompt_row(r) for r in with_repeats(splits["train_prefs"])]  # trl's format: ids from prompts
+    test = with_repeats(splits["test_prefs"])  # UltraFeedback schema, ids repeated
+    data = tmp_path / "data"
+    data.mkdir()
+    write_jsonl(data / "train_prefs.jsonl", train)
+    write_jsonl(data / "test_prefs.jsonl", test)
+    recipe = write_smoke_recipe(tmp_path, tiny_model_dir, data, max_samples=None, num_iterations=1,
+                                learning_rate=5.0e-4, generation_shard_size=5, max_new_tokens=8,
+                                per_device_train_batch_size=4, global_batch_size=4)
+    run = tmp_path / "run"
+    for stage in ("generate", "rank", "train"):
+        assert script_main(stage)([str(recipe), "--iteration", "1"]) in (0, None), stage
+
+    want_ids = [sha256_hex(r["prompt"]) for r in with_repeats(splits["train_prefs"])]
+    want_chosen = [r["chosen"] for r in train]
+    generated = read_parquet(run / "iter-1" / "generated.parquet").to_pydict()
+    assert generated["prompt_id"] == want_ids and generated["chosen"] == want_chosen  # one row per input row
+    report = json.loads((run / "iter-1" / "rank_report.json").read_text())
+    assert (report["rows_in"], report["distinct_prompts"], report["distinct_prompt_ids"]) == (12, 10, 10)  # ids derived: one per prompt
+    ranked = read_parquet(run / "iter-1" / "ranked.parquet").to_pydict()
+    assert ranked["prompt_id"] == want_ids  # on_tie: keep, so every row stays
+    log = json.loads((run / "iter-1" / "train_log.json").read_text())
+    assert [h["step"] for h in log if "loss" in h] == [1, 2, 3]  # 12 rows / batch 4: every repeat trained on
+
+    parse = lambda it: parse_recipe([str(recipe), "--iteration", it], stage="evaluate")[0]  # noqa: E731
+    for it in ("base", "1"):
+        metrics = evaluate_stage(parse(it), progress=False)
+        assert metrics["num_prompts"] == 8
+        assert {k: metrics["prompts"][k] for k in ("rows", "distinct_prompts", "distinct_prompt_ids")} == {
+            "rows": 8, "distinct_prompts": 6, "distinct_prompt_ids": 5}
+    answers = {it: read_parquet(run / d / "eval" / "answers.parquet").to_pydict() for it, d in
+               (("base", "base"), ("1", "iter-1"))}
+    assert answers["1"]["prompt_id"] == [r["prompt_id"] for r in test]
+    # Paired by row: every one of the 8 rows, repeats included, gives one difference.
+    paired = _paired_difference(run / "iter-1" / "eval", run / "base" / "eval")
+    diffs = [a - b for a, b in zip(answers["1"]["reward"], answers["base"]["reward"])]
+    assert paired["pairs"] == 8 and paired["mean"] == pytest.approx(sum(diffs) / 8)
+
+    table = implicit_rewards(parse("1")).to_pydict()
+    assert table["row"] == list(range(8)) and table["prompt_id"] == [r["prompt_id"] for r in test]
+    (run / "recipe.yaml").write_text(recipe.read_text())  # the run's frozen recipe, as make writes it
+    differences = implicit_reward_differences(run, run, "1")  # a run against itself: every row pairs with itself
+    assert differences == {"chosen": [0.0] * 8, "rejected": [0.0] * 8}
+    # two answer files of other rows are not paired
+    other = tmp_path / "other"
+    other.mkdir()
+    pa_table = pa.table({"prompt_id": answers["1"]["prompt_id"][::-1], "reward": answers["1"]["reward"]})
+    import pyarrow.parquet as pq_
+    pq_.write_table(pa_table, other / "answers.parquet")
+    with pytest.raises(SELMError, match="cannot be paired"):
+        _paired_difference(other, run / "base" / "eval")
