@@ -31,6 +31,8 @@ def load_preference_data(name: str, split: str = "train", config: str | None = N
     - local directory: the split is the file `<dir>/<split>.jsonl` (or .json, .parquet), e.g. train_prefs.jsonl and
       test_prefs.jsonl beside each other, like the hub's splits; slices work too;
     - local .json/.jsonl/.parquet file: the file is the data, whatever the split.
+
+    Whatever the source, the split is brought to the UltraFeedback schema (`to_ultrafeedback_schema`).
     """
     import datasets
 
@@ -132,6 +134,11 @@ def data_format(dataset, source: str) -> str:
             raise SELMError(f"{source}: missing column '{column}' (expected the UltraFeedback schema "
                             f"{list(REQUIRED_COLUMNS)} or trl's conversational preference format: chosen, rejected "
                             "and optionally prompt)")
+    if isinstance(dataset.features["chosen"], datasets.Value) and dataset.features["chosen"].dtype in ("string",
+                                                                                                       "large_string"):
+        raise SELMError(f"{source}: column 'chosen' holds plain text (trl's standard preference format); the pipeline "
+                        "applies the model's chat template, so it needs conversations: lists of {role, content} "
+                        "messages (trl's conversational format or the UltraFeedback schema)")
     if "prompt" not in columns:
         return "implicit_prompt"
     return "ultrafeedback" if isinstance(dataset.features["prompt"], datasets.Value) else "explicit_prompt"

@@ -230,6 +230,14 @@ def test_malformed_conversational_row_names_file_row_and_column(tmp_path, case):
     assert "\n" not in message
 
 
+def test_plain_text_pairs_are_refused_in_one_line(tmp_path):
+    rows = [{"prompt": r["prompt"], "chosen": r["chosen"][-1]["content"], "rejected": r["rejected"][-1]["content"]}
+            for r in fixture_rows(4)]  # trl's standard format: no messages, so no chat template to apply
+    path = write_jsonl(tmp_path / "plain.jsonl", rows)
+    with pytest.raises(SELMError, match=rf"^{path}: column 'chosen' holds plain text \(trl's standard preference"):
+        load_preference_data(str(path))
+
+
 def test_conversational_set_missing_a_column_is_named(tmp_path):
     rows = [{"chosen": r["chosen"]} for r in fixture_rows(4)]
     path = write_jsonl(tmp_path / "norej.jsonl", rows)
