@@ -88,9 +88,9 @@ def _load(load, source: str):
         raise SELMError(f"{source}: could not be read ({type(cause).__name__}: {detail})") from None
 
 
-def _check_messages(messages, source: str, row: int, column: str, answer: str = "conversation") -> None:
-    """A non-empty list of {role, content} messages with string content. `answer` says what it must end with:
-    'conversation' (the assistant's answer to a user message), 'answer' (the assistant's turn), 'prompt' (anything)."""
+def _check_messages(messages, source: str, row: int, column: str, kind: str = "conversation") -> None:
+    """A non-empty list of {role, content} messages with string content, ending as its `kind` must: a 'conversation'
+    with the assistant's answer to a user message, an 'answer' with the assistant's turn, a 'prompt' with anything."""
     def bad(why):
         return SELMError(f"{source}: row {row}, column '{column}': {why}")
 
@@ -103,9 +103,9 @@ def _check_messages(messages, source: str, row: int, column: str, answer: str = 
             raise bad(f"message {i} has role {message['role']!r}; expected one of {list(ROLES)}")
         if not isinstance(message["content"], str):
             raise bad(f"message {i} content is not a string")
-    if answer != "prompt" and messages[-1]["role"] != "assistant":
+    if kind != "prompt" and messages[-1]["role"] != "assistant":
         raise bad("the last message must be the assistant's answer")
-    if answer == "conversation" and (len(messages) < 2 or messages[-2]["role"] != "user"):
+    if kind == "conversation" and (len(messages) < 2 or messages[-2]["role"] != "user"):
         raise bad("the assistant's answer must follow a user message")
 
 
@@ -146,9 +146,9 @@ def data_format(dataset, source: str) -> str:
 
 def _join_explicit_prompt(example, row, source):
     """trl's explicit-prompt row -> whole conversations; each column checked as the user wrote it."""
-    _check_messages(example["prompt"], source, row, "prompt", answer="prompt")
+    _check_messages(example["prompt"], source, row, "prompt", kind="prompt")
     for column in ("chosen", "rejected"):
-        _check_messages(example[column], source, row, column, answer="answer")
+        _check_messages(example[column], source, row, column, kind="answer")
     chosen, rejected = example["prompt"] + example["chosen"], example["prompt"] + example["rejected"]
     return {"prompt": prompt_text(chosen), "chosen": chosen, "rejected": rejected}
 
