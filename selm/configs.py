@@ -224,7 +224,7 @@ class Recipe:
     explicit_keys: set
     base: bool = False  # `--iteration base` (evaluation, export): the run's starting model, before any iteration
 
-    # ---- run layout (DESIGN.md §4) ----
+    # ---- run layout (docs/DESIGN.md §4) ----
     @property
     def run_dir(self) -> Path:
         return Path(self.training["output_dir"])
