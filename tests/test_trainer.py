@@ -291,6 +291,7 @@ except SELMError as e:
 '''
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("launcher", ["ddp", "zero3"])
 def test_non_finite_gradient_on_one_rank_stops_every_process(launcher, tmp_path, tiny_model_dir):
     """DDP reduces the gradients and DeepSpeed the norm before the check, so all ranks stop at the same step (no
