@@ -2,7 +2,7 @@
 
 from setuptools import find_packages, setup
 
-# Bounds chosen so one environment resolves the same way on CPU and GPU (docs/running.md, "Versions"):
+# Bounds chosen so one environment resolves the same way on CPU and GPU (README, "Versions"):
 # trl 1.16's DPOTrainer internals are what SELMTrainer extends; vLLM 0.32 (and its CPU build) needs
 # transformers < 5.20, vLLM 0.33 < 5.21.
 INSTALL_REQUIRES = [
