@@ -4,6 +4,7 @@
 #   make demo                       SELM against iterative DPO on CPU, on a task whose reward is exact (README quick start)
 #   make benchmark [SEEDS="10 11"]  the same over seeds, with the paired difference and an alpha sweep
 #   make test                       the test suite (CPU, no hub)
+#   make test-fast                  the suite without the tests marked slow (the inner loop, a few minutes)
 #   make smoke                      the 100-sample smoke run of the whole loop (tiny random model, CI)
 #   make zephyr-selm ITER=3         the paper's Zephyr recipe on a GPU node (NUM_GPUS=8)
 #   make zephyr-selm REHEARSAL=1 ITER=1   the same target, recipe and launchers on CPU with tiny stand-ins
@@ -41,7 +42,7 @@ ACCELERATE := $(VENV)/bin/accelerate launch --config_file $(ACCELERATE_CONFIG) -
 export HF_HUB_ENABLE_HF_TRANSFER ?= 0
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: help install install-gpu demo demo-task demo-selm demo-dpo benchmark smoke smoke-dpo test zephyr-selm zephyr-dpo llama3-selm llama3-dpo run sweep \
+.PHONY: help install install-gpu demo demo-task demo-selm demo-dpo benchmark smoke smoke-dpo test test-fast zephyr-selm zephyr-dpo llama3-selm llama3-dpo run sweep \
 	compare tiny rehearsal-models clean-smoke
 
 help:
@@ -80,6 +81,9 @@ rehearsal-models: tiny build/tiny-pairrm/config.json
 # ---------------------------------------------------------------- quick start
 test: $(VENV)/.installed
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest tests -q -p no:cacheprovider
+
+test-fast: $(VENV)/.installed
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest tests -q -p no:cacheprovider -m "not slow"
 
 # The tiny model runs faster on one thread than on two (thread sync costs more than its matmuls).
 demo demo-task demo-selm demo-dpo benchmark smoke smoke-dpo: export OMP_NUM_THREADS ?= 1

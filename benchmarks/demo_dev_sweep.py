@@ -1,4 +1,4 @@
-"""Development-seed exploration behind `make demo`'s settings (DESIGN.md §7): SELM against iterative DPO on the
+"""Development-seed exploration behind `make demo`'s settings (docs/DESIGN.md §7): SELM against iterative DPO on the
 sorting task, on seeds 0-2 only (10-14 are the reported seeds and are refused here).
 
     python benchmarks/demo_dev_sweep.py --grid lr [--seeds 0 1 2] [--workdir build/demo-dev]

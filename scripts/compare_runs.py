@@ -7,10 +7,9 @@ last one every run evaluated) and implicit_rewards.png: r_A(x, y) − r_B(x, y) 
 with each run's own model and reference at iteration K (needs the models; --no_implicit_rewards skips it).
 """
 
-import argparse
 import sys
 
-from selm.configs import main_guard
+from selm.cli import main_guard, script_parser
 
 
 @main_guard
@@ -24,7 +23,7 @@ def main(argv=None):
     datasets.disable_progress_bars()
     transformers.utils.logging.disable_progress_bar()
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = script_parser(__doc__)
     parser.add_argument("runs", nargs="+", help="run directories (the first is A)")
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--iteration", default=None, help="iteration for the distributions and Fig. 4 (K or base)")

@@ -1,4 +1,4 @@
-"""Answers of one iteration's model for AlpacaEval 2 or FastChat's MT-Bench judge (see selm/export.py).
+r"""Answers of one iteration's model for AlpacaEval 2 or FastChat's MT-Bench judge (see selm/export.py).
 
     python scripts/export_answers.py RECIPE.yaml --iteration K|base --format alpaca_eval|mt_bench \
         [--questions PATH] --output PATH [--model_id NAME] [--temperature T] [--key value ...]
@@ -9,38 +9,32 @@ RECIPE is usually a run's frozen recipe (runs/NAME/recipe.yaml); --key value are
 
 import sys
 
-from selm.configs import _split_cli, main_guard, parse_recipe
-from selm.errors import SELMError
+from selm.cli import RECIPE_OVERRIDES, main_guard, script_parser
+from selm.configs import parse_recipe
+from selm.export import FORMATS, export_answers
 
-OWN_KEYS = {"format": None, "questions": None, "output": None, "model_id": None, "temperature": "0"}
+
+def _parser():
+    parser = script_parser(__doc__, epilog=RECIPE_OVERRIDES)
+    parser.add_argument("recipe", help="the recipe, usually the run's frozen runs/NAME/recipe.yaml")
+    parser.add_argument("--format", required=True, choices=FORMATS, help="the judge's format")
+    parser.add_argument("--output", required=True, help="the answer file to write")
+    parser.add_argument("--questions", default=None,
+                        help="a local question file (required for mt_bench; alpaca_eval defaults to the hub's)")
+    parser.add_argument("--model_id", default=None, help="generator / model_id in the file (default: RUN-iterK)")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    return parser
 
 
 @main_guard
 def main(argv=None):
-    from selm.export import export_answers
-
-    argv = list(sys.argv[1:] if argv is None else argv)
-    own, rest = dict(OWN_KEYS), argv[:1]
-    for key, value in _split_cli(argv[1:]):  # this script's keys; the rest are the recipe's
-        if key in own:
-            if value is None:
-                raise SELMError(f"command line: --{key} needs a value")
-            own[key] = value
-        else:
-            rest += [f"--{key}"] + ([] if value is None else [value])
-    for key in ("format", "output"):
-        if own[key] is None:
-            raise SELMError(f"command line: --{key} is required ({__doc__.split(chr(10))[2].strip()})")
-    try:
-        temperature = float(own["temperature"])
-    except ValueError:
-        raise SELMError(f"command line: --temperature needs a number, got {own['temperature']!r}") from None
-    recipe, dry_run = parse_recipe(rest, stage="export")
+    own, rest = _parser().parse_known_args(sys.argv[1:] if argv is None else argv)
+    recipe, dry_run = parse_recipe([own.recipe, *rest], stage="export")
     if dry_run:
         print(recipe.to_yaml())
         return 0
-    count = export_answers(recipe, own["format"], own["output"], own["questions"], own["model_id"], temperature)
-    print(f"export: {count} {own['format']} answers of {recipe.trained_model} written to {own['output']}")
+    count = export_answers(recipe, own.format, own.output, own.questions, own.model_id, own.temperature)
+    print(f"export: {count} {own.format} answers of {recipe.trained_model} written to {own.output}")
     return 0
 
 

@@ -9,12 +9,23 @@ later calls check that the recipe and overrides still match it, so a rerun canno
 
 import sys
 
-from selm.configs import freeze_recipe, main_guard
+from selm.cli import RECIPE_OVERRIDES, main_guard, script_parser
+from selm.configs import freeze_recipe
+
+
+def _parser():
+    parser = script_parser(__doc__, epilog=RECIPE_OVERRIDES)
+    parser.add_argument("recipe", help="the recipe file")
+    parser.add_argument("--overlay", action="append", help="a recipe file merged over it (repeatable)")
+    parser.add_argument("--output_dir", help="the run directory (default: the recipe's output_dir)")
+    return parser
 
 
 @main_guard
 def main(argv=None):
-    path, message = freeze_recipe(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    _parser().parse_known_args(argv)  # --help, and a missing RECIPE; freeze_recipe reads the words themselves
+    path, message = freeze_recipe(argv)
     print(f"{message}: {path}")
 
 

@@ -6,18 +6,17 @@ Each stage's time is its processes' wall time from start to end (interpreter sta
 accelerate launcher's own start before its processes is not). --since prints the wall time elapsed since then too.
 """
 
-import argparse
 import sys
 import time
 
-from selm.configs import main_guard
+from selm.cli import main_guard, script_parser
 
 
 @main_guard
 def main(argv=None):
     from selm.run_info import stage_seconds_markdown
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = script_parser(__doc__)
     parser.add_argument("runs", nargs="+")
     parser.add_argument("--since", type=float, default=None, help="print the wall time elapsed since this epoch time")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)

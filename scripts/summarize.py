@@ -5,19 +5,18 @@
 
 import sys
 
-from selm.configs import main_guard
+from selm.cli import main_guard, script_parser
 from selm.summary import summarize_run, to_markdown
 
 
 @main_guard
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 1:
-        print(__doc__, file=sys.stderr)
-        sys.exit(2)
-    summary = summarize_run(argv[0])
+    parser = script_parser(__doc__)
+    parser.add_argument("run_dir", help="the run directory (RUN_DIR of make run)")
+    run_dir = parser.parse_args(sys.argv[1:] if argv is None else argv).run_dir
+    summary = summarize_run(run_dir)
     print(to_markdown(summary))
-    print(f"summary: {argv[0]}/summary.json, {argv[0]}/summary.png ({len(summary['iterations'])} iterations)")
+    print(f"summary: {run_dir}/summary.json, {run_dir}/summary.png ({len(summary['iterations'])} iterations)")
 
 
 if __name__ == "__main__":

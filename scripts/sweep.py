@@ -8,16 +8,15 @@
 `make sweep SWEEP=SWEEP.yaml` does both and runs every combination in between.
 """
 
-import argparse
 import sys
 
-from selm.configs import main_guard
+from selm.cli import main_guard, script_parser
 from selm.sweep import expand, table
 
 
 @main_guard
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = script_parser(__doc__)
     parser.add_argument("action", choices=("expand", "table"))
     parser.add_argument("sweep")
     parser.add_argument("--output_root", default=None, help="replaces the sweep file's output_root")

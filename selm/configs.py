@@ -20,6 +20,7 @@ from pathlib import Path
 
 import yaml
 
+from selm.cli import main_guard, split_cli  # noqa: F401  (main_guard: scripts still import it from here)
 from selm.errors import SELMError
 from selm.limits import BadValue, CheckedArguments, check_limits, scalar_type, typed
 
@@ -223,7 +224,7 @@ class Recipe:
     explicit_keys: set
     base: bool = False  # `--iteration base` (evaluation, export): the run's starting model, before any iteration
 
-    # ---- run layout (DESIGN.md §4) ----
+    # ---- run layout (docs/DESIGN.md §4) ----
     @property
     def run_dir(self) -> Path:
         return Path(self.training["output_dir"])
@@ -373,26 +374,6 @@ def _unknown_key_error(source, key, known) -> SELMError:
     return SELMError(f"{source}: unknown key '{key}'{hint}")
 
 
-def _split_cli(argv: list[str]) -> list[tuple[str, str | None]]:
-    """['--a', '1', '--b=2', '--flag'] -> [('a', '1'), ('b', '2'), ('flag', None)]."""
-    pairs, i = [], 0
-    while i < len(argv):
-        arg = argv[i]
-        if not arg.startswith("--"):
-            raise SELMError(f"command line: expected --key value, got '{arg}'")
-        if "=" in arg:
-            key, value = arg[2:].split("=", 1)
-            i += 1
-        elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
-            key, value = arg[2:], argv[i + 1]
-            i += 2
-        else:
-            key, value = arg[2:], None
-            i += 1
-        pairs.append((key, value))
-    return pairs
-
-
 # Stages that accept `--iteration base` (the run's starting model).
 BASE_STAGES = ("evaluate", "export")
 
@@ -424,7 +405,7 @@ def parse_recipe(argv: list[str] | None = None, stage: str = "train", raw: dict 
             raise _unknown_key_error(path, key, known)
 
     iteration, dry_run, num_processes, cli, overrides, base = None, False, None, [], {}, False
-    for key, value in _split_cli(rest):
+    for key, value in split_cli(rest):
         if key == "dry_run":
             dry_run = value is None or value.lower() in ("1", "true", "yes")
         elif key == "iteration" and value == "base":
@@ -546,19 +527,6 @@ def _raise_parse_error(path):
     return error
 
 
-def main_guard(fn):
-    """Run a stage's main(): bad input becomes one line on stderr and exit code 2, never a traceback wall."""
-
-    def wrapper(argv=None):
-        try:
-            return fn(argv)
-        except SELMError as e:
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(2)
-
-    return wrapper
-
-
 def merge_recipe_sources(argv: list[str], usage: str) -> tuple[Path, dict, str]:
     """`RECIPE.yaml [--overlay PATH ...] [--key value ...]` -> (recipe path, merged mapping, where it came from).
 
@@ -570,7 +538,7 @@ def merge_recipe_sources(argv: list[str], usage: str) -> tuple[Path, dict, str]:
     source = Path(argv[0])
     recipe = load_recipe_yaml(source)
     described = str(source)
-    overrides = _split_cli(argv[1:])
+    overrides = split_cli(argv[1:])
     for key, value in overrides:
         if key == "overlay":
             if value is None:
@@ -672,7 +640,7 @@ def run_plan(argv: list[str]) -> dict:
     `--last_iteration K` (make's ITER) cuts the plan after iteration K; it must be one of the recipe's iterations.
     """
     last, rest = None, []
-    pairs = _split_cli(argv[1:]) if argv and not argv[0].startswith("--") else []
+    pairs = split_cli(argv[1:]) if argv and not argv[0].startswith("--") else []
     for key, value in pairs:
         if key == "last_iteration":
             last = value

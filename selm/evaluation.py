@@ -1,4 +1,4 @@
-"""Held-out evaluation (DESIGN.md §6): greedy answers of a model to held-out prompts, scored against a reference.
+"""Held-out evaluation (docs/DESIGN.md §6): greedy answers of a model to held-out prompts, scored against a reference.
 
 For every held-out row (prompt x, chosen answer y*), the model answers x greedily (y) through the generation stage's
 own code and backends, and the recipe's ranker scores the two candidates [y, y*]:

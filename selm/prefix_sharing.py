@@ -1,4 +1,4 @@
-"""Prefix sharing (DESIGN.md §8): one packed row per example, so its prompt is computed once for all its completions.
+"""Prefix sharing (docs/DESIGN.md §8): one packed row per example, its prompt computed once for all its completions.
 
 Row of a prompt p (P tokens) and completions y_1..y_G (G = 3 for SELM, 2 for DPO pairs):
 

@@ -1,4 +1,4 @@
-"""The demo's task: sort a short list of integers, with an exact, graded reward (DESIGN.md §7).
+"""The demo's task: sort a short list of integers, with an exact, graded reward (docs/DESIGN.md §7).
 
     prompt    "Sort in ascending order: 42 7 93 15 7"
     answer    "7 7 15 42 93"

@@ -1,4 +1,4 @@
-"""`SELMTrainer`: trl 1.16's `DPOTrainer` plus SELM's optimism term (DESIGN.md §1).
+"""`SELMTrainer`: trl 1.16's `DPOTrainer` plus SELM's optimism term (docs/DESIGN.md §1).
 
     loss = -log σ(β·[(log πθ(y_w) - log πref(y_w)) - (log πθ(y_l) - log πref(y_l))])
            + α·β·(log πθ(y_ref) - log πref(y_ref))

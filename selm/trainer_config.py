@@ -10,7 +10,7 @@ from selm.prefix_sharing import parse_mode
 
 @dataclass
 class SELMConfig(DPOConfig):
-    """DPOConfig with the SELM optimism term (DESIGN.md §1).
+    """DPOConfig with the SELM optimism term (docs/DESIGN.md §1).
 
     loss = -log σ(β·Δ) + alpha·β·(log πθ(y_ref) − log πref(y_ref)), with y_ref the `reference_response` column.
     """

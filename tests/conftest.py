@@ -125,3 +125,25 @@ def varied_model_dir(tmp_path_factory):
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+# The tiny-model setup of the trainer tests (test_trainer, test_trainer_parity, test_prefix_sharing). Module scope: each
+# test module gets its own copies, so a module that trains them cannot change another module's starting point.
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_dir):
+    """The tiny model's tokenizer."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def models(tiny_model_dir, tokenizer):
+    """(policy, reference): the saved tiny model and a differently initialised one, so that πθ ≠ πref."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from selm.tiny import build_model
+
+    policy = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    return policy, build_model(tokenizer, seed=1)

@@ -12,7 +12,7 @@ from selm.errors import SELMError
 from conftest import REPO
 
 PAPER = {
-    # recipe: {iteration: (learning rate, alpha, beta)} - DESIGN.md §2
+    # recipe: {iteration: (learning rate, alpha, beta)} - docs/DESIGN.md §2
     "recipes/zephyr-7b-sft/selm.yaml": {0: (5e-7, 0.0, 0.01), 1: (5e-7, 1e-3, 0.01), 2: (5e-7, 1e-3, 0.01), 3: (1e-7, 1e-3, 0.01)},
     "recipes/zephyr-7b-sft/dpo.yaml": {0: (5e-7, 0.0, 0.01), 1: (5e-7, 0.0, 0.01), 2: (5e-7, 0.0, 0.01), 3: (1e-7, 0.0, 0.01)},
     "recipes/llama-3-8b-instruct/selm.yaml": {1: (5e-7, 1e-4, 0.01), 2: (3e-7, 1e-4, 0.01), 3: (1e-7, 1e-4, 0.01)},

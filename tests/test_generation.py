@@ -367,6 +367,7 @@ def vllm_gen(varied_model_dir):
         gen.close()
 
 
+@pytest.mark.slow
 def test_vllm_generates_and_greedy_matches_hf(vllm_gen, varied_model_dir):
     from selm.generation import Generator
 
@@ -382,6 +383,7 @@ def test_vllm_generates_and_greedy_matches_hf(vllm_gen, varied_model_dir):
     assert got == expected
 
 
+@pytest.mark.slow
 def test_vllm_seeds_per_prompt_and_stops_at_eos_ids(vllm_gen):
     import dataclasses
 
@@ -408,6 +410,7 @@ def test_vllm_seeds_per_prompt_and_stops_at_eos_ids(vllm_gen):
     assert cut[0][0] == free[0][0][:free[0][0].index(stop)]
 
 
+@pytest.mark.slow
 def test_vllm_data_parallel_stage_merges_in_order(vllm_gen, smoke_recipe, varied_model_dir, tmp_path, monkeypatch):
     from selm.configs import parse_recipe
 

@@ -49,6 +49,14 @@ def rows(path: Path) -> int:
     return pq.ParquetFile(path).metadata.num_rows
 
 
+def drawn(png: Path) -> bool:
+    """The file is a PNG image with something drawn on it (more than one colour)."""
+    import matplotlib.image
+
+    pixels = matplotlib.image.imread(png)
+    return pixels.ndim == 3 and bool((pixels.reshape(-1, pixels.shape[-1]) != pixels[0, 0]).any())
+
+
 def check_finished_run(run: Path) -> dict:
     """Every stage's artifacts of both smoke iterations; returns the row counts."""
     from selm.io import read_parquet_metadata
@@ -94,10 +102,15 @@ def finished_smoke(tmp_path_factory):
     return recipe, run, out
 
 
+@pytest.mark.slow
 def test_smoke_pipeline_runs_every_stage_and_a_rerun_does_nothing(finished_smoke):
     recipe, run, out = finished_smoke
-    assert "run finished" in out and "| 2 | 50 | 50 |" in out  # make smoke ends with the summary table
-    assert "Held-out evaluation (mean true reward of the answer" in out and "| base | " in out
+    summary = json.loads((run / "summary.json").read_text())
+    assert "run finished" in out and (run / "summary.md").read_text() in out  # make smoke ends with the summary table
+    assert [(it["iteration"], it["portion_rows"], it["generated_rows"]) for it in summary["iterations"]] == \
+        [(1, 50, 50), (2, 50, 50)]
+    assert summary["held_out"][0]["iteration"] == "base"
+    assert summary["held_out"][0]["metric"].startswith("mean true reward of the answer")
     check_finished_run(run)
     from transformers import AutoModelForCausalLM
     AutoModelForCausalLM.from_pretrained(run / "iter-2" / "model")
@@ -105,14 +118,18 @@ def test_smoke_pipeline_runs_every_stage_and_a_rerun_does_nothing(finished_smoke
     again = make("run", f"RECIPE={recipe}", f"RUN_DIR={run}")
     assert "scripts/generate.py" not in again and "scripts/train.py" not in again
     assert artifacts(run) == before
-    summary = subprocess.run([sys.executable, str(REPO / "scripts/summarize.py"), str(run)],
-                             capture_output=True, text=True, check=True).stdout
-    assert "| 1 | 50 | 50 |" in summary and "| 2 | 50 | 50 |" in summary and (run / "summary.png").exists()
-    held = json.loads((run / "summary.json").read_text())["held_out"]
+    (run / "summary.json").unlink()
+    subprocess.run([sys.executable, str(REPO / "scripts/summarize.py"), str(run)], capture_output=True, text=True,
+                   check=True)
+    summary = json.loads((run / "summary.json").read_text())
+    assert [(it["iteration"], it["portion_rows"], it["generated_rows"]) for it in summary["iterations"]] == \
+        [(1, 50, 50), (2, 50, 50)] and (run / "summary.png").exists()
+    held = summary["held_out"]
     assert [h["iteration"] for h in held] == ["base", 1, 2]
     assert (run / "eval_metric.png").exists() and (run / "eval_rewards.png").exists()
 
 
+@pytest.mark.slow
 def test_make_compare_on_a_selm_and_a_dpo_smoke_run(finished_smoke, tmp_path):
     _, selm, _ = finished_smoke
     dpo = tmp_path / "smoke-dpo"
@@ -125,9 +142,10 @@ def test_make_compare_on_a_selm_and_a_dpo_smoke_run(finished_smoke, tmp_path):
     for name, run in (("smoke-selm", selm), ("smoke-dpo", dpo)):
         metrics = json.loads((run / "iter-1" / "eval" / "metrics.json").read_text())
         assert result["runs"][name]["held_out"]["1"]["mean"] == metrics["mean"]
-    assert (out_dir / "comparison.md").read_text() in out and "| base |" in out
+    assert (out_dir / "comparison.md").read_text() in out
+    assert all("base" in result["runs"][name]["held_out"] for name in ("smoke-selm", "smoke-dpo"))
     assert result["figures"] == ["metric_per_iteration.png", "reward_distributions.png", "implicit_rewards.png"]
-    assert all((out_dir / f).stat().st_size > 10_000 for f in result["figures"])
+    assert all(drawn(out_dir / f) for f in result["figures"])
     d = result["implicit_reward_difference"]["smoke-selm − smoke-dpo"]
     assert d["chosen"]["pairs"] == d["rejected"]["pairs"] == 40
 
@@ -158,6 +176,7 @@ def launched(run: Path, stage: str, iteration: int) -> bool:
     return any(r["stage"] == stage and r["iteration"] == iteration for r in json.loads(path.read_text())["launches"])
 
 
+@pytest.mark.slow
 def test_a_run_killed_in_every_stage_resumes_without_redoing_finished_stages(finished_smoke, tmp_path):
     """SIGKILL of the whole process group during iteration 2's generation, then (rerun) its ranking, then its
     training, then its evaluation; each rerun resumes where the last one stopped, and the last one completes."""
@@ -209,6 +228,7 @@ def test_a_run_killed_in_every_stage_resumes_without_redoing_finished_stages(fin
     assert artifacts(run, "iter-1/") | artifacts(run, "base/") == finished
 
 
+@pytest.mark.slow
 def test_sweep_makes_one_run_per_combination_and_a_table(smoke_recipe, tmp_path):
     recipe = smoke_recipe(num_iterations=1, learning_rate=5e-4, max_samples=24, generation_shard_size=24)
     sweep = tmp_path / "sweep.yaml"

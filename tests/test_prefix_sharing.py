@@ -13,13 +13,6 @@ MAX_LENGTH = 40  # cuts some rows: the packed rows must cut each completion wher
 
 
 @pytest.fixture(scope="module")
-def tokenizer(tiny_model_dir):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(tiny_model_dir)
-
-
-@pytest.fixture(scope="module")
 def dataset():
     """Fixture rows (a system message in row 3, a multi-turn prompt in row 4) with a generated response y_ref."""
     import datasets

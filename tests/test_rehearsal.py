@@ -24,6 +24,7 @@ def launches(run) -> list[dict]:
     return json.loads((run / "run_info.json").read_text())["launches"]
 
 
+@pytest.mark.slow
 def test_zephyr_selm_then_dpo_rehearsed_on_cpu_share_iteration_zero(tmp_path):
     from selm.io import read_parquet_metadata
 

@@ -154,8 +154,10 @@ def test_shared_iteration_zero_is_reused_only_with_the_same_settings(smoke_recip
     assert "shared iteration 0 was trained with other settings (training.beta)" in capsys.readouterr().err
 
 
-# In the default suite on purpose: the multi-process ZeRO-3 path is the one that breaks silently on clusters.
+# In `make test` on purpose (slow: only `make test-fast` skips it): the multi-process ZeRO-3 path is the one that
+# breaks silently on clusters.
 # ~30 s once DeepSpeed's CPU communication extension is built (its first build adds about a minute, once).
+@pytest.mark.slow
 def test_two_process_zero3_cpu_run_saves_a_loadable_model(smoke_recipe, tiny_model_dir):
     recipe = smoke_recipe(warmup_steps=0)
     run = recipe.parent / "run"

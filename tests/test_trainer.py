@@ -12,24 +12,6 @@ ROWS = 8
 
 
 @pytest.fixture(scope="module")
-def tokenizer(tiny_model_dir):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(tiny_model_dir)
-
-
-@pytest.fixture(scope="module")
-def models(tiny_model_dir, tokenizer):
-    """(policy, reference): the saved tiny model and a differently initialised one, so that πθ ≠ πref."""
-    from transformers import AutoModelForCausalLM
-
-    from selm.tiny import build_model
-
-    policy = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
-    return policy, build_model(tokenizer, seed=1)
-
-
-@pytest.fixture(scope="module")
 def rows():
     """Fixture rows (a system message in row 3, multi-turn in row 4) with a generated reference response."""
     from selm.data import to_trainer_format
@@ -309,6 +291,7 @@ except SELMError as e:
 '''
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("launcher", ["ddp", "zero3"])
 def test_non_finite_gradient_on_one_rank_stops_every_process(launcher, tmp_path, tiny_model_dir):
     """DDP reduces the gradients and DeepSpeed the norm before the check, so all ranks stop at the same step (no

@@ -19,22 +19,6 @@ NOT_RESULTS = {"train_runtime", "train_samples_per_second", "train_steps_per_sec
                "eval_samples_per_second", "eval_steps_per_second", "total_flos"}
 
 
-@pytest.fixture(scope="module")
-def tokenizer(tiny_model_dir):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(tiny_model_dir)
-
-
-@pytest.fixture(scope="module")
-def models(tiny_model_dir, tokenizer):
-    from transformers import AutoModelForCausalLM
-
-    from selm.tiny import build_model
-
-    return AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32), build_model(tokenizer, seed=1)
-
-
 def conversational(n=BATCH * STEPS, offset=0):
     from selm.data import to_trainer_format
     from selm.tiny import fixture_rows

@@ -1,1 +1,1 @@
-"""Small, tested patches that keep third-party packages working with the stack we pin (DESIGN.md §3)."""
+"""Small, tested patches that keep third-party packages working with the stack we pin (docs/DESIGN.md §3)."""
