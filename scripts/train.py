@@ -148,7 +148,9 @@ def train_iteration(recipe, launch) -> int:
         raise SELMError(f"{args.n_gpu} GPUs are visible to one process: launch training with accelerate, e.g. "
                         "make run ... LAUNCH=\"accelerate launch --config_file recipes/accelerate_configs/"
                         "deepspeed_zero3.yaml --num_processes N\" (the named targets do this), or set CUDA_VISIBLE_DEVICES")
-    with args.main_process_first(desc="training data"):
+    # The global main process writes iteration 0's portion (a shared file); every other process, on every node,
+    # waits for it and then reads it (local=True would have each node's main write it at once).
+    with args.main_process_first(local=False, desc="training data"):
         dataset = load_training_data(recipe, args.alpha)
     if args.should_save:
         write_text(recipe.iter_dir() / "train_config.yaml", recipe.to_yaml())
