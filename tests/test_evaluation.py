@@ -66,6 +66,27 @@ def test_evaluate_base_writes_answers_and_metrics_whose_mean_is_the_answers_mean
     assert (out / "metrics.json").stat().st_mtime_ns == mtime
 
 
+def test_a_held_out_prompt_too_long_for_the_context_is_named_and_not_scored(smoke_recipe, tiny_model_dir, tmp_path):
+    from selm.evaluation import evaluate_stage
+    from selm.tiny import fixture_splits
+
+    held_out = fixture_splits(100, 6)["test_prefs"]
+    long_question = " ".join(["seven plus seven"] * 200)  # ~600 tokens: over the tiny model's 512 with the answer
+    held_out[3]["prompt"] = held_out[3]["chosen"][0]["content"] = held_out[3]["rejected"][0]["content"] = long_question
+    data = tmp_path / "held-out"
+    data.mkdir()
+    (data / "test_prefs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in held_out))
+    metrics = evaluate_stage(recipe_for(smoke_recipe(eval_dataset_name=str(data), max_new_tokens=8), "base"),
+                             progress=False)
+    answered = [r["prompt_id"] for i, r in enumerate(held_out) if i != 3]
+    answers = pq.read_table(tmp_path / "run/base/eval/answers.parquet").to_pylist()
+    assert [a["prompt_id"] for a in answers] == answered
+    assert metrics["num_prompts"] == 5 and metrics["prompts"]["rows"] == 6
+    (dropped,) = metrics["prompts"]["dropped_too_long"].items()
+    assert dropped[0] == held_out[3]["prompt_id"] and "context of 512 tokens" in dropped[1]
+    assert metrics["mean"] == pytest.approx(sum(a["reward"] for a in answers) / 5)
+
+
 def test_held_out_questions_never_occur_in_the_training_split(fixture_dir):
     from selm.data import load_preference_data
 
