@@ -534,8 +534,21 @@ def completion_logps(model, tokenizer, dataset, args):
     rows have a `reference_response`) columns; other columns (e.g. `prompt_id`) are kept to pair rows back, since
     rows the trainer's length rules drop are absent.
     """
+    trainer = SELMTrainer(model, ref_model=None, args=scoring_args(args), train_dataset=dataset,
+                          processing_class=tokenizer)
+    return trainer.train_dataset
+
+
+def scoring_args(args):
+    """`args` for `completion_logps`, which runs in a plain process (Fig. 4: no launcher): precompute on, one device.
+
+    A plain process that sees several GPUs gets n_gpu > 1, for which Trainer wraps the model in nn.DataParallel and
+    trl refuses it (after the model is loaded). One GPU does this pass: n_gpu is set to 1, as Trainer itself does for
+    a model-parallel model, so the model and every batch go to cuda:0 (the first visible GPU).
+    """
     import dataclasses
 
     args = dataclasses.replace(args, precompute_ref_log_probs=True)
-    trainer = SELMTrainer(model, ref_model=None, args=args, train_dataset=dataset, processing_class=tokenizer)
-    return trainer.train_dataset
+    if args.n_gpu > 1:
+        args._n_gpu = 1
+    return args

@@ -193,6 +193,31 @@ def test_implicit_rewards_match_an_independent_forward_computation(smoke_recipe,
     assert (tmp_path / "run" / "iter-1" / "eval" / "implicit_rewards.parquet").exists()  # cached for the next call
 
 
+def test_fig4_log_probs_use_one_device_when_the_process_sees_eight_gpus(smoke_recipe, tiny_model_dir, monkeypatch):
+    """`make compare` runs Fig. 4's pass in a plain process: with 8 visible GPUs Trainer would pick nn.DataParallel,
+    which trl refuses after loading the model. The trainer must be given one device. (8 GPUs are simulated: the
+    trainer itself cannot then run here, so a stand-in records what it was given.)"""
+    import datasets
+
+    from selm import evaluation, trainer
+
+    given = {}
+
+    class RecordingTrainer:
+        def __init__(self, model, ref_model=None, args=None, train_dataset=None, processing_class=None):
+            given.update(n_gpu=args.n_gpu, device=str(args.device), precompute=args.precompute_ref_log_probs)
+            self.train_dataset = {"prompt_id": [], "ref_chosen_logps": [], "ref_rejected_logps": []}
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+    monkeypatch.setattr(trainer, "SELMTrainer", RecordingTrainer)
+    recipe = recipe_for(smoke_recipe(use_cpu=False), "1")
+    assert recipe.training_config(output_dir="unused", report_to="none").n_gpu == 8  # what Trainer would wrap
+    evaluation.completion_logps(recipe, str(tiny_model_dir), datasets.Dataset.from_list([]))
+    assert given == {"n_gpu": 1, "device": "cuda:0", "precompute": True}
+
+
 # ---------------------------------------------------------------- answers for the public judges
 def test_alpaca_eval_export_keeps_the_question_order_and_every_field(smoke_recipe, varied_model_dir, tmp_path):
     from selm.export import export_answers
