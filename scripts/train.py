@@ -23,6 +23,14 @@ from selm.errors import SELMError
 REFERENCE = "reference_response"
 
 
+def load_training_data_once(recipe, args):
+    """`load_training_data` in every process, the global main one first: it alone writes iteration 0's portion (a
+    file every node shares); the others, on every node, wait for it and read it (with local=True each node's main
+    process would write it at once)."""
+    with args.main_process_first(local=False, desc="training data"):
+        return load_training_data(recipe, args.alpha)
+
+
 def load_training_data(recipe, alpha: float):
     """The iteration's pairs in trl's conversational format, validated, with y_ref when alpha > 0."""
     from selm.data import ensure_portion, read_parquet_dataset, to_trainer_format, validate_preference_data
@@ -148,8 +156,7 @@ def train_iteration(recipe, launch) -> int:
         raise SELMError(f"{args.n_gpu} GPUs are visible to one process: launch training with accelerate, e.g. "
                         "make run ... LAUNCH=\"accelerate launch --config_file recipes/accelerate_configs/"
                         "deepspeed_zero3.yaml --num_processes N\" (the named targets do this), or set CUDA_VISIBLE_DEVICES")
-    with args.main_process_first(desc="training data"):
-        dataset = load_training_data(recipe, args.alpha)
+    dataset = load_training_data_once(recipe, args)
     if args.should_save:
         write_text(recipe.iter_dir() / "train_config.yaml", recipe.to_yaml())
 

@@ -127,6 +127,11 @@ class RankingArguments(CheckedArguments):
     )
     ranker_batch_size: int = field(default=16, metadata={"help": "Candidates or pairs per ranker forward."})
     ranker_max_length: int = field(default=2048, metadata={"help": "Token limit of one ranker input."})
+    pairrm_dtype: str = field(
+        default="float32",
+        metadata={"help": "PairRM's weights on a GPU: 'float32', or 'float16' (llm-blender's own default there, which "
+                  "this project never ran; a NaN score stops the stage). On CPU always float32."},
+    )
     oracle_reward: str | None = field(
         default=None, metadata={"help": "'module:function' scoring (prompt_messages, response_text) -> float."}
     )
@@ -167,6 +172,7 @@ CHOICES = {
     "ranker": ("pairrm", "reward_model", "oracle"),
     "update_rule": ("best_worst", "replace", "original"),
     "on_tie": ("drop", "keep"),
+    "pairrm_dtype": ("float32", "float16"),
 }
 
 

@@ -147,9 +147,15 @@ def evaluate_stage(recipe, engine_kwargs: dict | None = None, progress: bool = T
     signature = {"model": model_path, "rows": len(names), "prompt_ids": _prompt_ids_digest(names),
                  **{k: getattr(settings, k) for k in SIGNATURE_KEYS}}
     t0 = time.perf_counter()
-    responses, workers = generate_in_shards(model_path, settings, prompts, names, shard_dir, signature,
-                                            generator_kwargs(recipe, engine_kwargs, progress))
-    answers = [r[0] for r in responses]
+    responses, dropped, workers = generate_in_shards(model_path, settings, prompts, names, shard_dir, signature,
+                                                     generator_kwargs(recipe, engine_kwargs, progress))
+    if dropped:  # too long for the context: not answered, so not scored (named in metrics.json)
+        print(f"evaluate: warning: {len(dropped)} of {len(names)} held-out prompts are too long for the context and "
+              "are not evaluated (see metrics.json)")
+    held_out = repeat_counts(names, prompts)  # every held-out row, answered or dropped
+    answered = [i for i, r in enumerate(responses) if r is not None]
+    names, prompts, references = ([x[i] for i in answered] for x in (names, prompts, references))
+    answers = [responses[i][0] for i in answered]
     generate_s = time.perf_counter() - t0
 
     r = recipe.ranking
@@ -177,8 +183,8 @@ def evaluate_stage(recipe, engine_kwargs: dict | None = None, progress: bool = T
         "mean_answer_tokens": sum(answer_tokens) / len(answer_tokens),
         "prompts": {"dataset": recipe.evaluation.eval_dataset_name or recipe.pipeline.dataset_name,
                     "split": recipe.evaluation.eval_split, "eval_max_samples": recipe.evaluation.eval_max_samples,
-                    **repeat_counts(names, prompts), "prompt_ids_sha256": _prompt_ids_digest(names),
-                    "also_in_training_data": overlap},
+                    **held_out, "prompt_ids_sha256": _prompt_ids_digest(names),  # of those answered
+                    "also_in_training_data": overlap, "dropped_too_long": dropped},
         "ranker": _ranker_description(r),
         "generation": {"backend": settings.generation_backend, "greedy": True,
                        "max_new_tokens": settings.max_new_tokens, "data_parallel_size": settings.data_parallel_size,

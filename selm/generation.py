@@ -11,12 +11,19 @@ the tokenizer's EOS and at every EOS id of the model's generation_config (Llama-
 sampling settings from the recipe only (a model's generation_config may ship temperature/top_p/top_k defaults;
 they are not used).
 
-Seeds: vLLM seeds each prompt from the seed and the prompt's index, so its output does not depend on batching or
-sharding; hf seeds each batch (seed + index of the call's first prompt + batch number), so a given batch size
-gives identical output on every run.
+Seeds: vLLM seeds each prompt from the seed and the prompt's index, so which random numbers a prompt draws does not
+depend on batching or sharding; hf seeds each batch (seed + index of the call's first prompt + batch number). The
+arithmetic does depend on them on GPUs: vLLM's kernels are batch-invariant only with VLLM_BATCH_INVARIANT=1 in the
+environment (opt-in, slower), so an answer may differ slightly with the other prompts of its shard, the
+tensor-parallel size or the GPU model. The stages keep the prompts of each shard fixed across resumes and record the
+parallel layout of the first run in the shard directory (docs/gpu-path.md).
+
+A prompt whose tokens + max_new_tokens exceed the model's context is dropped by the stages (named in their reports),
+not truncated: a prompt cut to fit would be another question, answered and then trained on as if it were this one.
 """
 
 import gc
+import os
 import time
 from pathlib import Path
 
@@ -134,17 +141,21 @@ class Generator:
             ids.append(self.tokenizer(text, add_special_tokens=False)["input_ids"])
         return ids
 
-    def check_lengths(self, prompt_token_ids: list[list[int]], names: list[str] | None = None) -> None:
-        """Prompt tokens + max_new_tokens must fit the context; the first prompt that does not is named."""
+    def too_long(self, prompt_token_ids: list[list[int]]) -> dict[int, str]:
+        """{index: why} of the prompts whose tokens + max_new_tokens do not fit the context (none if it is unknown)."""
         if self.context_length is None:
-            return
-        budget = self.context_length - self.settings.max_new_tokens
-        for i, ids in enumerate(prompt_token_ids):
-            if len(ids) > budget:
-                name = names[i] if names is not None else f"#{i}"
-                raise SELMError(f"prompt {name}: {len(ids)} prompt tokens + max_new_tokens "
-                                f"{self.settings.max_new_tokens} exceed the model's context of {self.context_length} "
-                                f"tokens ({self.model_path}); lower max_new_tokens or drop the prompt")
+            return {}
+        new = self.settings.max_new_tokens
+        return {i: f"{len(ids)} prompt tokens + max_new_tokens {new} exceed the model's context of "
+                   f"{self.context_length} tokens ({self.model_path})"
+                for i, ids in enumerate(prompt_token_ids) if len(ids) + new > self.context_length}
+
+    def check_lengths(self, prompt_token_ids: list[list[int]], names: list[str] | None = None) -> None:
+        """Prompt tokens + max_new_tokens must fit the context; the first prompt that does not is named. (The one-call
+        API; the stages drop such prompts instead, see `generate_in_shards`.)"""
+        for i, why in self.too_long(prompt_token_ids).items():
+            name = names[i] if names is not None else f"#{i}"
+            raise SELMError(f"prompt {name}: {why}; lower max_new_tokens or drop the prompt")
 
     # ---- generation ----
     def generate_ids(self, prompt_token_ids: list[list[int]], seed_offset: int = 0) -> list[list[list[int]]]:
@@ -326,7 +337,7 @@ def generate_responses(model_path: str, conversations: list[list[dict]], setting
 
 # ---- the stage: iter-K/portion.parquet -> iter-K/generated.parquet, resumable at shard granularity ----
 # Settings that change what a shard contains; a resumed run must use the same ones (batch size, parallelism may
-# change, e.g. to recover from an out-of-memory error).
+# change, e.g. to recover from an out-of-memory error: the shards keep the first run's prompts, see parallel_layout).
 SIGNATURE_KEYS = ("generation_backend", "temperature", "top_p", "num_responses", "max_new_tokens",
                   "generation_seed", "generation_shard_size")
 
@@ -360,51 +371,85 @@ def _shard_worker(shards, model_path, settings, shard_dir, **generator_kwargs):
         return _write_shards(gen, shards, Path(shard_dir))
 
 
-def _check_signature(shard_dir: Path, signature: dict) -> None:
-    """Shards on disk must come from the same model, prompts and sampling settings as this run."""
+def parallel_layout(settings) -> dict:
+    """What besides a shard's prompts may change vLLM's arithmetic on GPUs: recorded by the run that starts a shard
+    directory, not enforced on a resume (module docstring)."""
+    vllm = settings.generation_backend == "vllm"
+    return {"data_parallel_size": settings.data_parallel_size if vllm else 1,
+            "tensor_parallel_size": settings.tensor_parallel_size if vllm else 1,
+            "vllm_batch_invariant": os.environ.get("VLLM_BATCH_INVARIANT", "0") == "1"}
+
+
+def _read_settings(shard_dir: Path) -> dict | None:
+    import json
+
+    path = shard_dir / "settings.json"
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise SELMError(f"{path}: not valid JSON ({e}); delete {shard_dir} and rerun the stage") from None
+
+
+def _check_signature(shard_dir: Path, signature: dict, layout: dict, old: dict | None) -> None:
+    """Shards on disk must come from the same model, prompts and sampling settings as this run (`old`: their
+    settings.json, None for a new directory, which gets this run's)."""
     import json
 
     from selm.io import write_text
 
-    path = shard_dir / "settings.json"
-    if path.is_file():
-        try:
-            old = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise SELMError(f"{path}: not valid JSON ({e}); delete {shard_dir} and rerun the stage") from None
-        changed = [k for k in signature if old.get(k) != signature[k]]
-        if changed:
-            k = changed[0]
-            raise SELMError(f"{shard_dir}: its shards were generated with {k}={old.get(k)!r}, this run has "
-                            f"{k}={signature[k]!r}; restore the setting, or delete the directory to start over")
-    else:
-        write_text(path, json.dumps(signature, indent=1))
+    if old is None:
+        write_text(shard_dir / "settings.json", json.dumps({**signature, "layout": layout}, indent=1))
+        return
+    changed = [k for k in signature if old.get(k) != signature[k]]
+    if changed:
+        k = changed[0]
+        raise SELMError(f"{shard_dir}: its shards were generated with {k}={old.get(k)!r}, this run has "
+                        f"{k}={signature[k]!r}; restore the setting, or delete the directory to start over")
+    if old.get("layout") != layout:
+        print(f"generate: warning: the shards in {shard_dir} were started with {old.get('layout')}, this run uses "
+              f"{layout}; on GPUs vLLM's answers may then differ slightly from an uninterrupted run "
+              "(batch-invariant only with VLLM_BATCH_INVARIANT=1)", flush=True)
 
 
 def generate_in_shards(model_path: str, settings, conversations: list[list[dict]], names: list[str], shard_dir: Path,
-                       signature: dict, generator_kwargs: dict) -> tuple[list[list[str]], int]:
-    """(num_responses responses per conversation, the number of processes that generated the pending shards).
+                       signature: dict, generator_kwargs: dict) -> tuple[list[list[str] | None], dict, int]:
+    """(num_responses responses per conversation, None for a dropped prompt; {name: why} of the dropped prompts;
+    the number of processes that generated the pending shards).
 
-    Resumable: shards of generation_shard_size prompts are written
-    atomically to `shard_dir` as they finish and a rerun skips the finished ones (`signature` must then match).
+    A prompt whose tokens + max_new_tokens do not fit the context is dropped (module docstring); the others are
+    generated. Resumable: the kept prompts are cut into `balanced_shard_count` near-equal shards (at most
+    generation_shard_size prompts each, the same number per vLLM replica), written atomically to `shard_dir` as
+    they finish; a rerun keeps the first run's shards and skips the finished ones (`signature` must then match).
 
     Every prompt is encoded and length-checked before anything is written. With the vllm backend and
     data_parallel_size > 1 the pending shards are spread over one process per replica. The caller removes
     `shard_dir` once it has written its own output.
     """
     from selm.io import read_parquet
+    from selm.parallel import balanced_shard_count, shard_bounds
 
-    size = settings.generation_shard_size  # >= 1: GenerationArguments checks it
+    layout = parallel_layout(settings)
     with Generator(model_path, settings, **generator_kwargs) as gen:
         encoded = gen.encode(conversations)  # once: the length check and every shard use these ids
-        gen.check_lengths(encoded, names)  # every prompt, before anything is written
-        shards = [(k, start, encoded[start:start + size], names[start:start + size])
-                  for k, start in enumerate(range(0, len(names), size))]
+        too_long = gen.too_long(encoded)  # every prompt, before anything is written
+        kept = [i for i in range(len(names)) if i not in too_long]
+        if not kept:
+            first = next(iter(too_long))
+            raise SELMError(f"all {len(names)} prompts are too long to generate from (e.g. prompt {names[first]}: "
+                            f"{too_long[first]}); lower max_new_tokens or raise max_model_len")
+        old = _read_settings(shard_dir)
+        num_shards = (old or {}).get("num_shards") or balanced_shard_count(
+            len(kept), settings.generation_shard_size, layout["data_parallel_size"])
+        signature = {**signature, "prompts_kept": len(kept), "num_shards": num_shards}
+        shards = [(k, start, [encoded[i] for i in kept[start:end]], [names[i] for i in kept[start:end]])
+                  for k, (start, end) in enumerate(shard_bounds(len(kept), num_shards))]
         # Finished shards are read now: a damaged one is named before hours of generating the others.
         done = {k: read_parquet(_shard_path(shard_dir, k)) for k, *_ in shards if _shard_path(shard_dir, k).exists()}
         pending = [s for s in shards if s[0] not in done]
         shard_dir.mkdir(parents=True, exist_ok=True)
-        _check_signature(shard_dir, signature)
+        _check_signature(shard_dir, signature, layout, old)
         if pending and len(pending) < len(shards):
             print(f"generate: resuming, {len(shards) - len(pending)} of {len(shards)} shards already in {shard_dir}")
         start, workers = time.perf_counter(), 1 if pending else 0
@@ -421,14 +466,15 @@ def generate_in_shards(model_path: str, settings, conversations: list[list[dict]
     if pending:
         print(f"generate: {sum(len(s[3]) for s in pending)} prompts in {time.perf_counter() - start:.1f} s")
 
-    responses = []
+    responses, positions = [None] * len(names), iter(kept)
     for k, _, _, shard_names in shards:
         shard = (done[k] if k in done else read_parquet(_shard_path(shard_dir, k))).to_pydict()
         if shard["prompt_id"] != shard_names:
             raise SELMError(f"{_shard_path(shard_dir, k)}: its prompt_ids do not match this run's prompts; delete "
                             f"{shard_dir} to start over")
-        responses += shard["responses"]
-    return responses, workers
+        for response in shard["responses"]:
+            responses[next(positions)] = response
+    return responses, {names[i]: why for i, why in too_long.items()}, workers
 
 
 def generator_kwargs(recipe, engine_kwargs: dict | None = None, progress: bool = True) -> dict:
@@ -441,15 +487,18 @@ def generator_kwargs(recipe, engine_kwargs: dict | None = None, progress: bool =
 def generate_stage(recipe, engine_kwargs: dict | None = None, progress: bool = True) -> Path:
     """Write iter-K/generated.parquet: the portion's columns + reference_response + responses.
 
-    Shards of generation_shard_size prompts are written atomically to iter-K/generated.shards/ as they finish; a
-    rerun skips the finished ones. The final file is written atomically, then the shard directory is removed.
+    Shards of at most generation_shard_size prompts are written atomically to iter-K/generated.shards/ as they
+    finish; a rerun skips the finished ones. The final file is written atomically, then the shard directory is
+    removed. Prompts too long for the context are left out of it (and so out of ranking and training), counted and
+    named in iter-K/generate_report.json.
     """
+    import json
     import shutil
 
     import pyarrow as pa
 
     from selm.data import ensure_portion, prompt_messages
-    from selm.io import read_parquet, write_parquet
+    from selm.io import read_parquet, write_parquet, write_text
 
     if recipe.is_generation_free:
         raise SELMError(f"{recipe.path}: iteration 0 of a dpo_iteration_zero recipe trains on the original pairs; "
@@ -468,12 +517,25 @@ def generate_stage(recipe, engine_kwargs: dict | None = None, progress: bool = T
     shard_dir = out.parent / "generated.shards"
     signature = {"model": model_path, "rows": len(rows), "first_prompt_id": names[0], "last_prompt_id": names[-1],
                  **{k: getattr(settings, k) for k in SIGNATURE_KEYS}}
-    responses, workers = generate_in_shards(model_path, settings, [prompt_messages(r) for r in rows], names,
-                                            shard_dir, signature, generator_kwargs(recipe, engine_kwargs, progress))
+    responses, dropped, workers = generate_in_shards(model_path, settings, [prompt_messages(r) for r in rows], names,
+                                                     shard_dir, signature,
+                                                     generator_kwargs(recipe, engine_kwargs, progress))
+    kept = [i for i, r in enumerate(responses) if r is not None]  # dropped rows leave the iteration here
+    table, responses = table.take(kept), [responses[i] for i in kept]
     table = table.append_column("reference_response", pa.array([r[0] for r in responses], pa.string()))
     table = table.append_column("responses", pa.array(responses, pa.list_(pa.string())))
+    report = {"iteration": recipe.iteration, "prompts": len(rows), "generated": len(kept),
+              "dropped_by_reason": {"prompt_too_long": len(dropped)} if dropped else {},
+              "dropped": [{"prompt_id": name, "reason": why} for name, why in dropped.items()]}
+    if dropped:
+        first = next(iter(dropped))
+        print(f"generate: dropped {len(dropped)} of {len(rows)} prompts too long for the context (e.g. {first}: "
+              f"{dropped[first]}); see {out.parent / 'generate_report.json'}", flush=True)
+    # generated.parquet last: it is the stage's make target, so once it exists the report is whole as well.
+    write_text(out.parent / "generate_report.json", json.dumps(report, indent=2) + "\n")
     write_parquet(table, out, metadata={
-        "model": model_path, "iteration": recipe.iteration, "rows": len(rows), "workers": workers,
+        "model": model_path, "iteration": recipe.iteration, "rows": len(kept), "workers": workers,
+        "dropped_prompts": len(dropped),
         **{k: getattr(settings, k) for k in SIGNATURE_KEYS if k != "generation_shard_size"},
     })
     shutil.rmtree(shard_dir)

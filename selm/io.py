@@ -4,6 +4,7 @@ import errno
 import json
 import os
 import shutil
+import socket
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -37,16 +38,19 @@ def _no_space(final: Path) -> SELMError:
 def atomic_path(final: str | os.PathLike):
     """Yield a temporary path beside `final`; rename it onto `final` only if the block succeeds.
 
-    Works for files and directories. On error the temporary is removed and `final` is untouched; temporaries
-    that a killed writer of the same artifact left behind are removed first (one writer per artifact). A full
-    disk becomes a SELMError naming the artifact.
+    Works for files and directories. On error the temporary is removed and `final` is untouched. The temporary's
+    name holds the writer's host and pid, so writers of the same artifact at once (say, one per node) never touch
+    each other's: each renames a whole file and the last rename wins. Temporaries that a killed writer on this host
+    left behind are removed first. A full disk becomes a SELMError naming the artifact.
     """
     final = Path(final)
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
-        for stale in final.parent.glob(f".{final.name}.tmp-*"):  # left by a writer that was killed
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+        for stale in final.parent.glob(f".{final.name}.tmp-*"):
+            if _left_by_dead_writer(stale, final.name):
+                shutil.rmtree(stale, ignore_errors=True)
+        writer = f"{socket.gethostname()}-{os.getpid()}"
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-{writer}-", dir=final.parent))
     except OSError as e:
         if is_no_space_error(e):
             raise _no_space(final) from None
@@ -63,6 +67,21 @@ def atomic_path(final: str | os.PathLike):
         raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _left_by_dead_writer(temporary: Path, final_name: str) -> bool:
+    """Whether `temporary` (`.<name>.tmp-<host>-<pid>-<random>`) belongs to a writer on this host that is gone.
+
+    A writer on another host cannot be checked from here: its temporary stays until a writer there removes it.
+    A temporary without host and pid (written before they were in the name) counts as left behind.
+    """
+    from selm.lock import _pid_alive
+
+    parts = temporary.name[len(f".{final_name}.tmp-"):].rsplit("-", 2)  # mkdtemp's random part has no '-'
+    if len(parts) < 3 or not parts[1].isdigit():
+        return True
+    host, pid, _ = parts
+    return host == socket.gethostname() and not _pid_alive(pid)
 
 
 def write_parquet(table, path, metadata: dict | None = None) -> None:

@@ -32,6 +32,17 @@ def shard_bounds(num_items: int, num_shards: int) -> list[tuple[int, int]]:
     return bounds
 
 
+def balanced_shard_count(num_items: int, max_shard_size: int, num_replicas: int) -> int:
+    """How many shards `num_items` prompts make: the fewest of at most `max_shard_size` items (the resume
+    granularity), rounded up to a multiple of `num_replicas` so that every replica gets as many near-equal shards
+    (2,000 prompts over 8 replicas: 8 shards of 250, not one of 2,000), never more shards than items."""
+    if num_items <= 0:
+        return 0
+    shards = -(-num_items // max_shard_size)
+    shards = -(-shards // num_replicas) * num_replicas
+    return min(shards, num_items)
+
+
 def visible_devices() -> list[str] | None:
     """The GPUs this process may hand out (None when there is none: workers then run on CPU)."""
     env = os.environ.get("CUDA_VISIBLE_DEVICES")

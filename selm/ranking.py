@@ -240,10 +240,10 @@ class PairRMScorer:
     apply (PairRM: 1224 / 412); a longer conversation is cut from the left here, so the turn being answered stays.
     """
 
-    def __init__(self, name_or_path: str, batch_size: int = 16, device: str | None = None):
+    def __init__(self, name_or_path: str, batch_size: int = 16, device: str | None = None, dtype: str = "float32"):
         from selm.compat.llm_blender import load_pairrm
 
-        self.blender = load_pairrm(name_or_path, device=device)
+        self.blender = load_pairrm(name_or_path, device=device, dtype=dtype)
         self.batch_size = batch_size
 
     def _fit_source(self, text: str) -> str:
@@ -388,7 +388,8 @@ def build_scorer(ranking, device: str | None = None, num_workers: int | None = N
     if ranking.ranker == "oracle":
         return OracleScorer(ranking.oracle_reward)
     if ranking.ranker == "pairrm":
-        return PairRMScorer(ranking.ranker_model_name_or_path, ranking.ranker_batch_size, device)
+        return PairRMScorer(ranking.ranker_model_name_or_path, ranking.ranker_batch_size, device,
+                            ranking.pairrm_dtype)
     if ranking.ranker == "reward_model":
         return RewardModelScorer(ranking.ranker_model_name_or_path, ranking.ranker_batch_size,
                                  ranking.ranker_max_length, device)

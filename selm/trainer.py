@@ -14,8 +14,9 @@ The trainer overrides DPOTrainer at five seams and nowhere else:
 - `_compute_loss`: the SELM loss and its metrics. Batches without reference rows go to DPOTrainer unchanged.
 
 With `prefix_sharing` (selm/prefix_sharing.py) the collator may pack each example into one row; `_sequence_logps`
-gives the rest of the trainer the same per-completion log-probs, in the same order, from either layout. Such packed
-DPO pairs (α = 0, no reference column) take the SELM loss path too, whose α = 0 loss is DPO's sigmoid loss.
+gives the rest of the trainer the same per-completion log-probs, in the same order, from either layout. With prefix
+sharing on, DPO pairs (α = 0, no reference column) take the SELM loss path too, packed or not (one metric path for
+all ranks), whose α = 0 loss is DPO's sigmoid loss.
 A non-finite loss or gradient stops training before the optimizer step applies it (`compute_loss`, `_get_grad_norm`).
 """
 
@@ -84,10 +85,8 @@ def require_reference(dataset, name: str, alpha: float) -> None:
 
 
 def _num_groups(inputs) -> int:
-    """Completions per example in a SELM-path batch: 3 unshared; packed rows may also hold DPO pairs (2)."""
-    if "segment_ids" in inputs:
-        return inputs["sequence_group"].numel() // inputs["input_ids"].size(0)
-    return len(GROUPS)
+    """Completions per example in a SELM-path batch: 3 with a reference, 2 for DPO pairs (packed or not)."""
+    return int(inputs["sequence_group"][-1]) + 1
 
 
 @dataclass
@@ -97,7 +96,9 @@ class SELMDataCollator(DataCollatorForPreference):
     Every row is prompt + completion, truncated to `max_length` like trl does, then all rows are padded together.
     `sequence_group` (0/1/2 per completion) tells the trainer the batch takes the SELM path. With `prefix_sharing`
     'true' (or 'auto' and the estimate says it pays) a batch is one packed row per example instead
-    (selm/prefix_sharing.py), DPO pairs too when `pack_pairs`.
+    (selm/prefix_sharing.py), DPO pairs too when `pack_pairs`; then every DPO pair batch takes the SELM path, packed
+    or not. Each rank decides per batch whether to pack, so both layouts must issue the same collectives: trl's metric
+    code gathers other tensors, in other dtypes, than the SELM one (seen: a collective mismatch on 2 ranks).
     """
 
     prefix_sharing: str = "false"
@@ -106,13 +107,12 @@ class SELMDataCollator(DataCollatorForPreference):
 
     def torch_call(self, examples):
         groups = GROUPS if "reference_ids" in examples[0] else GROUPS[:2]
-        packed = self._packs(examples, groups)
-        if len(groups) < len(GROUPS) and not packed:
+        if len(groups) < len(GROUPS) and (self.prefix_sharing == "false" or not self.pack_pairs):
             return super().torch_call(examples)
-        if packed:
+        if self._packs(examples, groups):
             out = prefix_sharing.pack(examples, groups, self.pad_token_id, self.max_length, self.pad_to_multiple_of)
         else:
-            out = self._unshared(examples)
+            out = self._unshared(examples, groups)
         out["sequence_group"] = torch.arange(len(groups)).repeat_interleave(len(examples))
         for group in groups:
             key = f"ref_{group}_logps"
@@ -128,9 +128,9 @@ class SELMDataCollator(DataCollatorForPreference):
         return self.prefix_sharing == "true" or prefix_sharing.packed_cost_ratio(
             examples, groups, self.max_length, self.area_weight) <= prefix_sharing.AUTO_THRESHOLD
 
-    def _unshared(self, examples):
+    def _unshared(self, examples, groups):
         ids, masks = [], []
-        for group in GROUPS:
+        for group in groups:
             for ex in examples:
                 ids.append(ex["prompt_ids"] + ex[f"{group}_ids"])
                 masks.append([0] * len(ex["prompt_ids"]) + [1] * len(ex[f"{group}_ids"]))
@@ -229,6 +229,7 @@ class SELMTrainer(DPOTrainer):
             "f_divergence_type": (str(getattr(args.f_divergence_type, "value", args.f_divergence_type)) != "reverse_kl",
                                   args.f_divergence_type),
             "ld_alpha": (args.ld_alpha is not None, args.ld_alpha),
+            "label_smoothing": (args.label_smoothing != 0, args.label_smoothing),
             "use_weighting": (bool(args.use_weighting), args.use_weighting),
             "loss_weights": (args.loss_weights not in (None, [1.0], (1.0,)), args.loss_weights),
         }
@@ -547,8 +548,21 @@ def completion_logps(model, tokenizer, dataset, args):
     rows have a `reference_response`) columns; other columns (e.g. `prompt_id`) are kept to pair rows back, since
     rows the trainer's length rules drop are absent.
     """
+    trainer = SELMTrainer(model, ref_model=None, args=scoring_args(args), train_dataset=dataset,
+                          processing_class=tokenizer)
+    return trainer.train_dataset
+
+
+def scoring_args(args):
+    """`args` for `completion_logps`, which runs in a plain process (Fig. 4: no launcher): precompute on, one device.
+
+    A plain process that sees several GPUs gets n_gpu > 1, for which Trainer wraps the model in nn.DataParallel and
+    trl refuses it (after the model is loaded). One GPU does this pass: n_gpu is set to 1, as Trainer itself does for
+    a model-parallel model, so the model and every batch go to cuda:0 (the first visible GPU).
+    """
     import dataclasses
 
     args = dataclasses.replace(args, precompute_ref_log_probs=True)
-    trainer = SELMTrainer(model, ref_model=None, args=args, train_dataset=dataset, processing_class=tokenizer)
-    return trainer.train_dataset
+    if args.n_gpu > 1:
+        args._n_gpu = 1
+    return args

@@ -66,6 +66,27 @@ def test_evaluate_base_writes_answers_and_metrics_whose_mean_is_the_answers_mean
     assert (out / "metrics.json").stat().st_mtime_ns == mtime
 
 
+def test_a_held_out_prompt_too_long_for_the_context_is_named_and_not_scored(smoke_recipe, tiny_model_dir, tmp_path):
+    from selm.evaluation import evaluate_stage
+    from selm.tiny import fixture_splits
+
+    held_out = fixture_splits(100, 6)["test_prefs"]
+    long_question = " ".join(["seven plus seven"] * 200)  # ~600 tokens: over the tiny model's 512 with the answer
+    held_out[3]["prompt"] = held_out[3]["chosen"][0]["content"] = held_out[3]["rejected"][0]["content"] = long_question
+    data = tmp_path / "held-out"
+    data.mkdir()
+    (data / "test_prefs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in held_out))
+    metrics = evaluate_stage(recipe_for(smoke_recipe(eval_dataset_name=str(data), max_new_tokens=8), "base"),
+                             progress=False)
+    answered = [r["prompt_id"] for i, r in enumerate(held_out) if i != 3]
+    answers = pq.read_table(tmp_path / "run/base/eval/answers.parquet").to_pylist()
+    assert [a["prompt_id"] for a in answers] == answered
+    assert metrics["num_prompts"] == 5 and metrics["prompts"]["rows"] == 6
+    (dropped,) = metrics["prompts"]["dropped_too_long"].items()
+    assert dropped[0] == held_out[3]["prompt_id"] and "context of 512 tokens" in dropped[1]
+    assert metrics["mean"] == pytest.approx(sum(a["reward"] for a in answers) / 5)
+
+
 def test_held_out_questions_never_occur_in_the_training_split(fixture_dir):
     from selm.data import load_preference_data
 
@@ -170,6 +191,31 @@ def test_implicit_rewards_match_an_independent_forward_computation(smoke_recipe,
                           - independent_logp(reference, tokenizer, prompt, completion))
             assert table[f"{group}_reward"][i] == pytest.approx(want, abs=1e-4)
     assert (tmp_path / "run" / "iter-1" / "eval" / "implicit_rewards.parquet").exists()  # cached for the next call
+
+
+def test_fig4_log_probs_use_one_device_when_the_process_sees_eight_gpus(smoke_recipe, tiny_model_dir, monkeypatch):
+    """`make compare` runs Fig. 4's pass in a plain process: with 8 visible GPUs Trainer would pick nn.DataParallel,
+    which trl refuses after loading the model. The trainer must be given one device. (8 GPUs are simulated: the
+    trainer itself cannot then run here, so a stand-in records what it was given.)"""
+    import datasets
+
+    from selm import evaluation, trainer
+
+    given = {}
+
+    class RecordingTrainer:
+        def __init__(self, model, ref_model=None, args=None, train_dataset=None, processing_class=None):
+            given.update(n_gpu=args.n_gpu, device=str(args.device), precompute=args.precompute_ref_log_probs)
+            self.train_dataset = {"prompt_id": [], "ref_chosen_logps": [], "ref_rejected_logps": []}
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+    monkeypatch.setattr(trainer, "SELMTrainer", RecordingTrainer)
+    recipe = recipe_for(smoke_recipe(use_cpu=False), "1")
+    assert recipe.training_config(output_dir="unused", report_to="none").n_gpu == 8  # what Trainer would wrap
+    evaluation.completion_logps(recipe, str(tiny_model_dir), datasets.Dataset.from_list([]))
+    assert given == {"n_gpu": 1, "device": "cuda:0", "precompute": True}
 
 
 # ---------------------------------------------------------------- answers for the public judges

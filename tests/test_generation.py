@@ -53,7 +53,7 @@ def test_script_hf_end_to_end_seeded_and_multi_turn(smoke_recipe, varied_model_d
 
     from selm.io import read_parquet_metadata
 
-    # 40 rows, 2 iterations: 20 prompts in iteration 1, in shards of 8 (8 + 8 + 4).
+    # 40 rows, 2 iterations: 20 prompts in iteration 1, in shards of at most 8 (7 + 7 + 6).
     common = dict(model_name_or_path=str(varied_model_dir), max_samples=40, temperature=0.9, top_p=0.95,
                   num_responses=2, max_new_tokens=8, generation_seed=7, generation_shard_size=8,
                   generation_batch_size=3)
@@ -228,7 +228,9 @@ def test_interrupted_run_resumes_at_shard_granularity(smoke_recipe, varied_model
 
     # Mark the finished shard, so the resumed run shows it reused it instead of generating it again.
     marked = [[f"kept-{r['prompt_id']}"] for r in read(shard_dir / "shard-00000.parquet")]
-    ids = [r["prompt_id"] for r in whole[:8]]
+    first = len(marked)
+    assert first == 7  # 20 prompts need 3 shards of at most 8: balanced, 7 + 7 + 6
+    ids = [r["prompt_id"] for r in whole[:first]]
     write_parquet(pa.table({"prompt_id": ids, "responses": marked}), shard_dir / "shard-00000.parquet")
 
     # A changed sampling setting cannot be mixed with the shards on disk.
@@ -237,8 +239,8 @@ def test_interrupted_run_resumes_at_shard_granularity(smoke_recipe, varied_model
 
     assert run_script(recipe, "--iteration", 1) == 0
     resumed = read(run_dir / "generated.parquet")
-    assert [r["reference_response"] for r in resumed[:8]] == [f"kept-{i}" for i in ids]
-    assert resumed[8:] == whole[8:]  # later shards: same seeds, same output as the uninterrupted run
+    assert [r["reference_response"] for r in resumed[:first]] == [f"kept-{i}" for i in ids]
+    assert resumed[first:] == whole[first:]  # later shards: same seeds, same output as the uninterrupted run
     assert not shard_dir.exists() and leftovers(run_dir) == []
 
 
@@ -256,14 +258,51 @@ def test_missing_model_directory(smoke_recipe, tmp_path, capsys):
     assert not (tmp_path / "run/iter-2/generated.parquet").exists()
 
 
-def test_prompt_longer_than_context(smoke_recipe, tmp_path, capsys):
-    # The tiny model's context is 512 tokens: 500 new tokens leave ~12 for prompts that are longer.
-    recipe = smoke_recipe(max_new_tokens=500)
+def test_every_prompt_longer_than_context(smoke_recipe, tmp_path, capsys):
+    # The tiny model's context is 512 tokens: 510 new tokens leave 2 for prompts that are all longer.
+    recipe = smoke_recipe(max_new_tokens=510)
     assert run_script(recipe, "--iteration", 1) == 2
     err = capsys.readouterr().err
-    assert "prompt fixture-0000" in err and "512" in err
+    assert "all 50 prompts are too long" in err and "prompt fixture-0000" in err and "512" in err
     iter_dir = tmp_path / "run/iter-1"
     assert not (iter_dir / "generated.parquet").exists() and not (iter_dir / "generated.shards").exists()
+
+
+def test_one_prompt_longer_than_context_is_dropped_and_reported(smoke_recipe, tiny_model_dir, tmp_path):
+    """One over-long prompt leaves its iteration (named in generate_report.json); the others are generated, and
+    ranking sees only those."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from transformers import AutoTokenizer
+
+    from selm.data import prompt_messages
+    from selm.tiny import fixture_rows
+
+    rows = fixture_rows(6)
+    long_question = " ".join(["seven plus seven"] * 200)
+    rows[2]["prompt"] = rows[2]["chosen"][0]["content"] = rows[2]["rejected"][0]["content"] = long_question
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)  # the independent count: template + tokenizer
+    lengths = [len(tokenizer.apply_chat_template(prompt_messages(r), add_generation_prompt=True, tokenize=True,
+                                                 return_dict=True)["input_ids"]) for r in rows]
+    assert lengths[2] + 24 > 512 and max(lengths[:2] + lengths[3:]) + 24 <= 512  # max_new_tokens 24, context 512
+    recipe = smoke_recipe(generation_shard_size=2)
+    iter_dir = tmp_path / "run/iter-1"
+    iter_dir.mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist(rows), iter_dir / "portion.parquet")  # as if the data layer had cut it
+    assert run_script(recipe, "--iteration", 1) == 0
+
+    kept = [r["prompt_id"] for i, r in enumerate(rows) if i != 2]
+    assert [r["prompt_id"] for r in read(iter_dir / "generated.parquet")] == kept
+    report = json.loads((iter_dir / "generate_report.json").read_text())
+    assert (report["prompts"], report["generated"], report["dropped_by_reason"]) == (6, 5, {"prompt_too_long": 1})
+    (dropped,) = report["dropped"]
+    assert dropped["prompt_id"] == rows[2]["prompt_id"] and f"{lengths[2]} prompt tokens" in dropped["reason"]
+    assert "512" in dropped["reason"] and leftovers(iter_dir) == []
+
+    assert script_main("rank")([str(recipe), "--iteration", "1"]) in (None, 0)
+    assert {r["prompt_id"] for r in read(iter_dir / "ranked.parquet")} <= set(kept)
 
 
 def test_zero_row_portion(smoke_recipe, tmp_path, capsys):
@@ -331,6 +370,60 @@ def test_run_sharded_merges_in_order_and_assigns_devices(monkeypatch):
     assert os.environ["CUDA_VISIBLE_DEVICES"] == "3,5,6,7"
     with pytest.raises(SELMError, match="need 6 GPUs"):
         run_sharded(_echo_worker, list(range(7)), 3, devices_per_worker=2)
+
+
+@pytest.mark.parametrize("prompts, max_size, replicas, expected", [
+    (2000, 2048, 8, 8),  # the held-out set: one shard per replica (was one shard of 2,000 on one GPU)
+    (20000, 2048, 8, 16),  # 10 shards of <= 2,048 rounded up to 2 per replica (was 10: 2 rounds for 2 replicas)
+    (20, 8, 1, 3),  # one process: the fewest shards of <= 8
+    (5, 2048, 8, 5),  # never an empty shard
+    (0, 2048, 8, 0),
+])
+def test_shards_are_balanced_over_replicas(prompts, max_size, replicas, expected):
+    from selm.parallel import balanced_shard_count, shard_bounds
+
+    count = balanced_shard_count(prompts, max_size, replicas)
+    assert count == expected
+    if count == 0:
+        return
+    sizes = [end - start for start, end in shard_bounds(prompts, count)]
+    assert all(0 < n <= max_size for n in sizes) and sum(sizes) == prompts
+    # run_sharded gives each replica a contiguous group of shards: the busiest one does its fair share, rounded up.
+    loads = [sum(sizes[a:b]) for a, b in shard_bounds(count, min(replicas, count))]
+    assert max(loads) == -(-prompts // min(replicas, count))
+
+
+def test_resume_keeps_the_first_runs_shards_under_another_layout(varied_model_dir, tmp_path, monkeypatch, capsys):
+    """A resume with another parallel layout (here: 2 replicas first, 1 now) reuses the first run's shard layout,
+    says so, and gives the output of an uninterrupted run under the first layout."""
+    from selm import generation
+
+    conversations, names = fixture_conversations(20)
+    config = settings(generation_shard_size=8, temperature=0.8, generation_seed=5)
+    two_replicas = {"data_parallel_size": 2, "tensor_parallel_size": 1, "vllm_batch_invariant": False}
+
+    def run(shard_dir):
+        return generation.generate_in_shards(str(varied_model_dir), config, conversations, names, shard_dir,
+                                             {"model": "m"}, {"progress": False})
+
+    with monkeypatch.context() as m:
+        m.setattr(generation, "parallel_layout", lambda settings: two_replicas)
+        whole, _, _ = run(tmp_path / "whole")
+        real_write = generation._write_shards
+
+        def first_shard_only(gen, shards, shard_dir):
+            real_write(gen, shards[:1], shard_dir)
+            raise KeyboardInterrupt("simulated interruption")
+
+        m.setattr(generation, "_write_shards", first_shard_only)
+        with pytest.raises(KeyboardInterrupt):
+            run(tmp_path / "run")
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["settings.json", "shard-00000.parquet"]
+    assert len(read(tmp_path / "run/shard-00000.parquet")) == 5  # 4 shards (2 per replica) of 5, not 3 of 7
+    resumed, dropped, _ = run(tmp_path / "run")
+    assert resumed == whole and dropped == {}
+    out = capsys.readouterr().out
+    assert "resuming, 1 of 4 shards" in out and "'data_parallel_size': 2" in out and "VLLM_BATCH_INVARIANT=1" in out
 
 
 def test_run_sharded_fails_loudly(monkeypatch):

@@ -135,3 +135,62 @@ def test_an_altered_page_is_caught_by_its_checksum(tmp_path):
 def test_missing_artifact_is_named(tmp_path):
     with pytest.raises(SELMError, match=rf"missing input: {tmp_path / 'generated.parquet'} \(run the previous stage"):
         read_parquet(tmp_path / "generated.parquet")
+
+
+def _write_while_the_other_starts(final, text, inside, other_inside):
+    """Writer A holds its temporary until writer B has started on the same artifact (B's start removes left-behind
+    temporaries: A's must not be one of them)."""
+    with atomic_path(final) as tmp:
+        tmp.write_text(text)
+        inside.set()
+        if not other_inside.wait(timeout=120):
+            raise SystemExit(2)
+
+
+def _write_after_the_other_started(final, text, inside, other_inside):
+    if not other_inside.wait(timeout=120):
+        raise SystemExit(2)
+    with atomic_path(final) as tmp:
+        inside.set()
+        tmp.write_text(text)
+
+
+def test_two_processes_writing_one_artifact_at_once_never_clobber(tmp_path):
+    """One writer per node once wrote iteration 0's portion at the same time: the second deleted the first's
+    temporary, whose rename then failed. Each writer's temporary is its own; the last rename wins, whole."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    final = tmp_path / "iter-0" / "portion.parquet"
+    a_inside, b_inside = ctx.Event(), ctx.Event()
+    texts = {"a": "A" * 100_000, "b": "B" * 100_000}
+    writers = [ctx.Process(target=_write_while_the_other_starts, args=(final, texts["a"], a_inside, b_inside)),
+               ctx.Process(target=_write_after_the_other_started, args=(final, texts["b"], b_inside, a_inside))]
+    for writer in writers:
+        writer.start()
+    for writer in writers:
+        writer.join(timeout=180)
+    assert [w.exitcode for w in writers] == [0, 0]
+    assert final.read_text() in texts.values() and temporaries(tmp_path) == []
+
+
+def test_only_temporaries_of_dead_writers_on_this_host_are_removed(tmp_path):
+    import os
+    import socket
+
+    final = tmp_path / "ranked.parquet"
+    dead = _finished_pid()
+    host = socket.gethostname()
+    kept = [f".{final.name}.tmp-{host}-{os.getpid()}-abc", f".{final.name}.tmp-other-host-{dead}-abc"]
+    removed = [f".{final.name}.tmp-{host}-{dead}-abc", f".{final.name}.tmp-xyz_123"]  # the last: the old naming
+    for name in kept + removed:
+        (tmp_path / name).mkdir()
+    write_text(final, "whole")
+    assert sorted(temporaries(tmp_path)) == sorted(kept) and final.read_text() == "whole"
+
+
+def _finished_pid() -> int:
+    """The pid of a process that has exited (and been reaped)."""
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid

@@ -1,6 +1,7 @@
 """Prefix sharing: packed rows give the unshared rows' loss, gradients and metrics; what cannot share is refused."""
 
 import copy
+import re
 import types
 
 import pytest
@@ -165,6 +166,89 @@ def test_three_training_steps_packed_equal_unshared(tmp_path, tokenizer, dataset
         assert trainer.state.global_step == 3
     update = (weights["false"] - torch.cat([p.detach().flatten() for p in start.parameters()])).norm()
     assert update > 0.01 and (weights["true"] - weights["false"]).norm() < 1e-4 * update
+
+
+MIXED_PACKING_RUN = '''
+import sys, datasets
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from selm.trainer import SELMTrainer
+from selm.trainer_config import SELMConfig
+
+model_dir, out, triples = sys.argv[1], sys.argv[2], sys.argv[3] == "selm"
+rows = []
+for i in range(16):
+    if i % 2 == 0:  # a long prompt, short answers: packing pays
+        row = {"prompt": "What is " + " plus ".join(str(k) for k in range(i, i + 12)) + "?",
+               "chosen": f" {i}.", "rejected": f" {i + 1}."}
+    else:  # a short prompt, two long similar answers: it does not
+        answer = " ".join(f"then {k} and" for k in range(i, i + 10))
+        row = {"prompt": f"Count {i}.", "chosen": answer + " done.", "rejected": answer + " stop."}
+    if triples:
+        row["reference_response"] = row["chosen"]
+    rows.append(row)
+args = SELMConfig(output_dir=out, alpha=0.1 if triples else 0.0, bf16=False, use_cpu=True, max_length=256,
+                  gradient_checkpointing=False, max_steps=4, per_device_train_batch_size=1, save_strategy="no",
+                  report_to="none", disable_tqdm=True, ddp_backend="gloo", prefix_sharing="auto", logging_steps=1)
+trainer = SELMTrainer(AutoModelForCausalLM.from_pretrained(model_dir), args=args,
+                      train_dataset=datasets.Dataset.from_list(rows),
+                      processing_class=AutoTokenizer.from_pretrained(model_dir))
+collate, packed = trainer.data_collator, []
+
+
+def recording(examples):
+    batch = collate(examples)
+    packed.append(int("segment_ids" in batch))
+    return batch
+
+
+trainer.data_collator = recording
+trainer.train()
+print(f"rank {trainer.accelerator.process_index} trained, packed {packed}", flush=True)
+'''
+
+
+@pytest.mark.parametrize("rows", ["dpo", "selm"])
+def test_ranks_that_disagree_on_packing_train_together(rows, tmp_path, tiny_model_dir):
+    """prefix_sharing: auto decides per batch and per rank: at some step one rank packs and the other does not, and
+    both must still issue the same collectives (DPO pairs once went through trl's metric code when unpacked)."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    script = tmp_path / "run.py"
+    script.write_text(MIXED_PACKING_RUN)
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script),
+                             str(tiny_model_dir), str(tmp_path / "out"), rows], cwd=REPO,
+                            env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=300)
+    done = dict(re.findall(r"(rank \d) trained, packed (\[[\d, ]*\])", result.stdout))  # lines may interleave
+    assert sorted(done) == ["rank 0", "rank 1"], result.stderr[-3000:]
+    assert done["rank 0"] != done["rank 1"]  # the ranks did disagree at some step
+
+
+def test_unpacked_dpo_pairs_on_the_selm_path_equal_trl(tmp_path, tokenizer, dataset, monkeypatch):
+    """Under 'auto' an unpacked DPO pair batch takes the SELM path (as a packed one does): same loss, gradients and
+    metrics as trl's own DPO path (prefix_sharing: false)."""
+    from selm import prefix_sharing
+
+    monkeypatch.setattr(prefix_sharing, "AUTO_THRESHOLD", 0.0)  # 'auto' never packs: the unshared layout
+    pairs = dataset.remove_columns("reference_response")
+    policy, reference = causal_lm("llama", tokenizer, 0), causal_lm("llama", tokenizer, 1)
+    results, batches = {}, {}
+    for mode in ("false", "auto"):
+        trainer = trainer_for(policy, reference, tokenizer, pairs, config(tmp_path / mode, alpha=0.0,
+                                                                          prefix_sharing=mode))
+        batches[mode] = trainer.data_collator([trainer.train_dataset[i] for i in range(ROWS)])
+        results[mode] = loss_grads_metrics(trainer, batches[mode])
+    assert "sequence_group" in batches["auto"] and "segment_ids" not in batches["auto"]
+    assert "sequence_group" not in batches["false"]  # trl's own collator and loss
+    (loss_t, grads_t, metrics_t), (loss_s, grads_s, metrics_s) = results["false"], results["auto"]
+    assert loss_s == pytest.approx(loss_t, abs=1e-6)
+    assert max((grads_s[n] - grads_t[n]).abs().max().item() for n in grads_t) < 1e-6
+    assert sorted(metrics_s) == sorted(metrics_t)
+    for key in metrics_t:
+        assert metrics_s[key] == pytest.approx(metrics_t[key], abs=1e-5), key
 
 
 # ---- refusals ----

@@ -143,6 +143,31 @@ def test_load_pairrm_from_a_hub_id_in_the_hub_cache(tiny_pairrm_dir, tmp_path, m
         load_pairrm("selm-test/absent", device="cpu")  # hub is off in tests: one line naming the model
 
 
+@pytest.mark.parametrize("dtype, fp16", [(None, False), ("float16", True)])
+def test_pairrm_dtype_on_a_gpu_is_what_the_recipe_says(dtype, fp16, tiny_pairrm_dir, monkeypatch):
+    """llm-blender halves PairRM on CUDA unless given fp16=False (its RankerConfig default is True): the loader must
+    always be told, float32 unless the recipe's pairrm_dtype says float16."""
+    import torch
+    from llm_blender.blender.blender import Blender
+    from llm_blender.pair_ranker.config import RankerConfig
+
+    from selm.configs import RankingArguments
+    from selm.ranking import build_scorer
+
+    given, real_load = [], Blender.loadranker
+
+    def record_then_load_on_cpu(self, path, device=None, **kwargs):  # a CUDA device is only named here
+        given.append((device, kwargs.get("fp16", RankerConfig().fp16)))
+        return real_load(self, path, device="cpu", **kwargs)
+
+    monkeypatch.setattr(Blender, "loadranker", record_then_load_on_cpu)
+    ranking = RankingArguments(ranker="pairrm", ranker_model_name_or_path=str(tiny_pairrm_dir),
+                               **({"pairrm_dtype": dtype} if dtype else {}))
+    scorer = build_scorer(ranking, device="cuda", num_workers=1)
+    assert given == [("cuda", fp16)]  # llm-blender: `if device in ["cuda", "mps"] and fp16: half()`
+    assert {p.dtype for p in scorer.blender.ranker.parameters()} == {torch.float32}  # on CPU: float32 either way
+
+
 def test_load_pairrm_bad_directories(tiny_pairrm_dir, tmp_path):
     import torch
     from safetensors.torch import load_file

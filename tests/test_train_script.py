@@ -154,6 +154,59 @@ def test_shared_iteration_zero_is_reused_only_with_the_same_settings(smoke_recip
     assert "shared iteration 0 was trained with other settings (training.beta)" in capsys.readouterr().err
 
 
+TWO_NODE_DATA_RUN = '''
+import importlib.util, sys
+from pathlib import Path
+
+import selm.io
+from selm.configs import parse_recipe
+
+spec = importlib.util.spec_from_file_location("train_script", sys.argv[2])
+train = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(train)
+recipe, _ = parse_recipe([sys.argv[1], "--iteration", "0"], stage="train")
+args = recipe.training_config(ddp_backend="gloo")
+real_write = selm.io.write_parquet
+
+
+def counted(table, path, **kwargs):
+    print(f"rank {args.process_index} writes {Path(path).name}", flush=True)
+    real_write(table, path, **kwargs)
+
+
+selm.io.write_parquet = counted
+print(f"rank {args.process_index} read {len(train.load_training_data_once(recipe, args))} rows", flush=True)
+'''
+
+
+def test_two_nodes_write_iteration_zeros_portion_once(smoke_recipe, tmp_path):
+    """Two one-process "nodes" on this machine (torchrun --nnodes 2): each is its node's local main, and before they
+    both wrote the shared portion.parquet at once. The global main writes it; the other reads it."""
+    import re
+    import socket
+
+    recipe = smoke_recipe(dpo_iteration_zero=True, learning_rate=[5.0e-4, 5.0e-4, 2.0e-4])
+    script = tmp_path / "load.py"
+    script.write_text(TWO_NODE_DATA_RUN)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONPATH=str(REPO))
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+                               "--node_rank", str(rank), "--master_addr", "127.0.0.1", "--master_port", str(port),
+                               str(script), str(recipe), str(REPO / "scripts/train.py")],
+                              cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for rank in (0, 1)]
+    outputs = [node.communicate(timeout=300) for node in nodes]
+    stdout = "".join(out for out, _ in outputs)
+    assert [node.returncode for node in nodes] == [0, 0], outputs[0][1][-2000:] + outputs[1][1][-2000:]
+    assert re.findall(r"rank \d writes portion.parquet", stdout) == ["rank 0 writes portion.parquet"]
+    import pyarrow.parquet as pq
+
+    rows = pq.read_table(recipe.parent / "run/iter-0/portion.parquet").num_rows
+    assert sorted(re.findall(r"rank (\d) read (\d+) rows", stdout)) == [("0", str(rows)), ("1", str(rows))]
+
+
 # In `make test` on purpose (slow: only `make test-fast` skips it): the multi-process ZeRO-3 path is the one that
 # breaks silently on clusters.
 # ~30 s once DeepSpeed's CPU communication extension is built (its first build adds about a minute, once).

@@ -86,8 +86,11 @@ def auto_device(device: str | None = None) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def load_pairrm(name_or_path: str, device: str | None = None):
+def load_pairrm(name_or_path: str, device: str | None = None, dtype: str = "float32"):
     """An `llm_blender.Blender` with the PairRM-style ranker at `name_or_path` (hub id or local directory) loaded.
+
+    `dtype` is explicit: llm-blender casts the ranker to float16 on CUDA unless told `fp16=False` (its RankerConfig
+    default is True), and to float32 elsewhere whatever it is told.
 
     The ranker directory holds llm-blender's `config.json` (a RankerConfig: ranker_type 'pairranker', model_type,
     model_name = the backbone, max lengths) and the ranker weights (`model.safetensors` or `pytorch_model.bin`).
@@ -103,7 +106,9 @@ def load_pairrm(name_or_path: str, device: str | None = None):
         raise SELMError(f"{config_file}: ranker_type is {config.get('ranker_type')!r}; PairRM needs 'pairranker'")
     if not any((path / f).is_file() for f in ("model.safetensors", "pytorch_model.bin")):
         raise SELMError(f"{path}: no ranker weights (model.safetensors or pytorch_model.bin)")
-    overrides = {}
+    if dtype not in ("float32", "float16"):
+        raise SELMError(f"pairrm_dtype is {dtype!r}; expected 'float32' or 'float16'")
+    overrides = {"fp16": dtype == "float16"}
     backbone = config.get("model_name")
     if backbone and not Path(backbone).is_absolute() and (path / backbone).is_dir():
         overrides["model_name"] = str(path / backbone)
