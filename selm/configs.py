@@ -359,7 +359,7 @@ def load_recipe_yaml(path) -> dict:
     if not path.is_file():
         raise SELMError(f"recipe not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
         raise SELMError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(data, dict):
@@ -616,7 +616,7 @@ def freeze_recipe(argv: list[str]) -> tuple[Path, str]:
     check_every_iteration(recipe, described)  # before anything is written
     with atomic_path(frozen) as tmp:
         tmp.write_text(f"# Frozen from {described}; every stage of this run reads this file.\n"
-                       + yaml.safe_dump(recipe, sort_keys=False))
+                       + yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
     return frozen, "frozen"
 
 

@@ -369,7 +369,7 @@ def _check_signature(shard_dir: Path, signature: dict) -> None:
     path = shard_dir / "settings.json"
     if path.is_file():
         try:
-            old = json.loads(path.read_text())
+            old = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
             raise SELMError(f"{path}: not valid JSON ({e}); delete {shard_dir} and rerun the stage") from None
         changed = [k for k in signature if old.get(k) != signature[k]]
