@@ -33,6 +33,9 @@ def check_model_path(model_path: str) -> None:
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise SELMError(f"model directory {path} has no config.json (an unfinished or wrong directory?)")
+        from selm.models import check_weights
+
+        check_weights(path)  # a truncated or missing weight file: one line, before any stage loads it
         return
     if path.exists() or model_path.startswith((".", "/", "~")) or model_path.count("/") > 1:
         raise SELMError(f"model directory not found: {model_path}")
