@@ -212,7 +212,9 @@ class _HFBackend:
         if gen.dtype:
             kwargs["dtype"] = getattr(torch, gen.dtype)
         if gen.attn_implementation:
-            kwargs["attn_implementation"] = gen.attn_implementation
+            from selm.models import attention_implementation
+
+            kwargs["attn_implementation"] = attention_implementation(gen.attn_implementation)
         self.model = AutoModelForCausalLM.from_pretrained(gen.model_path, **kwargs).to(self.device).eval()
         tok = gen.tokenizer
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else gen.eos_ids[0]

@@ -64,6 +64,38 @@ def check_weights(directory) -> None:
             check_safetensors(directory / shard)
 
 
+FLASH_ATTENTION = "flash_attention_2"
+FLASH_ATTENTION_INSTALL = "pip install flash-attn --no-build-isolation, after torch (docs/gpu.md)"
+
+
+def attention_implementation(requested: str | None) -> str | None:
+    """The attention kernel a model is loaded with: the recipe's, except that flash_attention_2 (the paper recipes',
+    on unpacked rows, as the paper's code ran) becomes sdpa where flash-attn cannot run here (not installed, or no
+    CUDA). sdpa computes the same attention, with more memory and time on long rows. Said in one line at load."""
+    if requested != FLASH_ATTENTION:
+        return requested
+    from transformers.utils import is_flash_attn_2_available
+
+    if is_flash_attn_2_available():
+        _say_once(f"attention: {FLASH_ATTENTION} (flash-attn), one row per completion")
+        return FLASH_ATTENTION
+    _say_once(f"attention: sdpa instead of the recipe's {FLASH_ATTENTION}: flash-attn is not installed or has no CUDA "
+              f"device here (same attention, more memory and time on GPUs; {FLASH_ATTENTION_INSTALL})")
+    return "sdpa"
+
+
+_said = set()
+
+
+def _say_once(line: str) -> None:
+    """Print `line` once per process, on the first process of a launch only (8 ranks would print it 8 times)."""
+    import os
+
+    if line not in _said and os.environ.get("RANK", "0") == "0":
+        _said.add(line)
+        print(line, flush=True)
+
+
 def load_model(path, model_args, trust_remote_code: bool):
     """`AutoModelForCausalLM` at `path` with the recipe's `ModelConfig` settings (the revision applies to the base
     model only: an iteration's saved model has none)."""
@@ -77,7 +109,7 @@ def load_model(path, model_args, trust_remote_code: bool):
     if dtype not in (None, "auto"):
         dtype = getattr(torch, dtype)
     return AutoModelForCausalLM.from_pretrained(
-        path, dtype=dtype, attn_implementation=model_args.attn_implementation,
+        path, dtype=dtype, attn_implementation=attention_implementation(model_args.attn_implementation),
         trust_remote_code=trust_remote_code,
         revision=model_args.model_revision if path == model_args.model_name_or_path else None,
     )
