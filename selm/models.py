@@ -14,7 +14,7 @@ SINGLE_FILES = ("model.safetensors", "pytorch_model.bin")
 
 def _recover(directory: Path) -> str:
     return (f"an interrupted download or copy? re-download or re-copy {directory} "
-            "(e.g. `huggingface-cli download REPO --local-dir DIR`)")
+            "(e.g. `hf download REPO --local-dir DIR`)")
 
 
 def check_safetensors(path: Path) -> None:
