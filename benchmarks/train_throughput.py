@@ -162,7 +162,7 @@ def run_stage(stage, opts, models, rows, output_dir):
 
 
 def rss_mb(field="VmRSS:"):
-    with open("/proc/self/status") as f:
+    with open("/proc/self/status", encoding="utf-8") as f:
         for line in f:
             if line.startswith(field):
                 return int(line.split()[1]) / 1024
@@ -178,7 +178,7 @@ def memory_child(stage, opts):
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated() / 2**20
     else:
-        with open("/proc/self/clear_refs", "w") as f:
+        with open("/proc/self/clear_refs", "w", encoding="utf-8") as f:
             f.write("5")  # reset VmHWM, the peak resident set size
         before = rss_mb()
     run_stage(stage, opts, models, rows, opts.output_dir)
@@ -195,7 +195,7 @@ def measure_memory(opts):
         # A fixed mmap threshold makes glibc hand every large freed block back at once, so resident size follows
         # the live tensors instead of the allocator's high-water mark from earlier stages.
         env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout.strip().splitlines()[-1]
+        out = subprocess.run(cmd, capture_output=True, check=True, env=env, encoding="utf-8").stdout.strip().splitlines()[-1]
         memory[stage] = json.loads(out)
     kind = "CUDA max_memory_allocated" if torch.cuda.is_available() else "peak RSS (VmHWM) of a fresh process"
     print(f"\nmemory at ratio {opts.ratios[0]} ({kind}; '+MB': growth over the size before the trainer was built):")

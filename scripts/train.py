@@ -64,7 +64,7 @@ def last_complete_checkpoint(checkpoints_dir) -> str | None:
              if (m := re.fullmatch(r"checkpoint-(\d+)", p.name)) and p.is_dir()]
     for _, path in sorted(found, reverse=True):
         try:
-            json.loads((path / "trainer_state.json").read_text())
+            json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
         except (FileNotFoundError, json.JSONDecodeError):
             print(f"skipping {path}: incompletely written (no readable trainer_state.json)")
             continue
@@ -88,7 +88,7 @@ def check_shared_iteration_zero(recipe) -> None:
     stored_path = recipe.iter_dir() / "train_config.yaml"
     if recipe.iteration != 0 or not recipe.pipeline.iteration_zero_dir or not stored_path.exists():
         return
-    stored, current = yaml.safe_load(stored_path.read_text()), recipe.to_dict()
+    stored, current = yaml.safe_load(stored_path.read_text(encoding="utf-8")), recipe.to_dict()
     differing = [f"{group}.{k}" for group in ("model", "pipeline", "training")
                  for k in sorted(set(stored.get(group, {})) | set(current[group]))
                  if k not in HARMLESS and stored.get(group, {}).get(k) != current[group].get(k)]

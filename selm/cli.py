@@ -10,9 +10,27 @@
 """
 
 import argparse
+import os
 import sys
 
 from selm.errors import SELMError
+
+
+# Under a launcher (accelerate, srun) a stage's error line is followed by the launcher's own report of the failed
+# processes: with this variable set (pipeline.mk does), the stage also writes the line to that file, which the make
+# rule prints again once the launcher has exited, so the cause ends the output.
+ERROR_FILE_ENV = "SELM_ERROR_FILE"
+
+
+def _keep_error_line(line: str) -> None:
+    path = os.environ.get(ERROR_FILE_ENV)
+    if path:
+        from selm.io import write_text
+
+        try:
+            write_text(path, line + "\n")
+        except OSError:  # the line is on stderr already; its copy only repeats it
+            pass
 
 
 def main_guard(fn):
@@ -23,7 +41,11 @@ def main_guard(fn):
             return fn(argv)
         except SELMError as e:
             print(f"error: {e}", file=sys.stderr)
+            _keep_error_line(f"error: {e}")
             sys.exit(2)
+        except Exception as e:  # a crash (out of memory, a library's bug): the traceback stays, its cause is kept
+            _keep_error_line(f"error: {type(e).__name__}: {(str(e).splitlines() or [''])[0]} (traceback above)")
+            raise
 
     return wrapper
 

@@ -22,7 +22,7 @@ import yaml
 
 from selm.cli import main_guard, split_cli  # noqa: F401  (main_guard: scripts still import it from here)
 from selm.errors import SELMError
-from selm.limits import BadValue, CheckedArguments, check_limits, scalar_type, typed
+from selm.limits import BadValue, CheckedArguments, check_limits, check_prompt_room, scalar_type, typed
 
 
 @dataclass
@@ -366,7 +366,7 @@ def load_recipe_yaml(path) -> dict:
     if not path.is_file():
         raise SELMError(f"recipe not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
         raise SELMError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(data, dict):
@@ -468,6 +468,7 @@ def parse_recipe(argv: list[str] | None = None, stage: str = "train", raw: dict 
                 raise SELMError(f"{path}: {e}") from None
             value = value[iterations.index(iteration)]
         resolved[key] = value
+    _check_prompt_room_of_every_iteration(raw, iterations, fields, path)
 
     for key, allowed in CHOICES.items():
         value = overrides.get(key, resolved.get(key))
@@ -489,6 +490,7 @@ def parse_recipe(argv: list[str] | None = None, stage: str = "train", raw: dict 
             if key not in overrides:
                 typed(key, values[key], types_[key])
         check_limits(groups["training"])
+        check_prompt_room(groups["training"])
         built = {name: classes[name](**groups[name])
                  for name in ("model", "pipeline", "generation", "ranking", "evaluation")}
     except BadValue as e:
@@ -512,6 +514,23 @@ def parse_recipe(argv: list[str] | None = None, stage: str = "train", raw: dict 
 
     check_attention(recipe.model.attn_implementation, recipe.training.get("prefix_sharing", "false"), source=str(path))
     return recipe, dry_run
+
+
+def _check_prompt_room_of_every_iteration(raw: dict, iterations: list[int], fields: dict, path) -> None:
+    """`check_prompt_room` on each iteration's recipe values (per-iteration lists included; a key the recipe does not
+    set has its default), so a dry run of iteration 1 already refuses iteration 3's lengths."""
+    keys = ("max_length", "max_prompt_length")
+    if not any(isinstance(raw.get(key), list) for key in keys):
+        return  # the same values for every iteration: checked once below, with the command line's overrides
+    for position, k in enumerate(iterations):
+        values = {}
+        for key in keys:
+            value = raw.get(key, fields[key].default)
+            values[key] = typed(key, value[position] if isinstance(value, list) else value, int)
+        try:
+            check_prompt_room(values, f" for iteration {k}")
+        except BadValue as e:
+            raise SELMError(f"{path}: {e}") from None
 
 
 def _plan_value(path, key: str, value, convert):
@@ -590,7 +609,7 @@ def freeze_recipe(argv: list[str]) -> tuple[Path, str]:
     check_every_iteration(recipe, described)  # before anything is written
     with atomic_path(frozen) as tmp:
         tmp.write_text(f"# Frozen from {described}; every stage of this run reads this file.\n"
-                       + yaml.safe_dump(recipe, sort_keys=False))
+                       + yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
     return frozen, "frozen"
 
 

@@ -59,7 +59,7 @@ class DemoTaskSettings:
 def _stored_settings(directory) -> dict | None:
     path = Path(directory) / "settings.json"
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(encoding="utf-8"))
     except (FileNotFoundError, json.JSONDecodeError):
         return None
 
@@ -167,6 +167,6 @@ def train_base_model(settings: DemoTaskSettings, sft_rows: list[dict], validatio
     with atomic_path(model_dir) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        (tmp / "sft_log.json").write_text(json.dumps(report, indent=1) + "\n")
-        (tmp / "settings.json").write_text(json.dumps(settings.model_settings(), indent=1) + "\n")
+        (tmp / "sft_log.json").write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+        (tmp / "settings.json").write_text(json.dumps(settings.model_settings(), indent=1) + "\n", encoding="utf-8")
     return report

@@ -129,7 +129,7 @@ def evaluate_stage(recipe, engine_kwargs: dict | None = None, progress: bool = T
 
     out = eval_dir(recipe)
     if (out / "metrics.json").exists():
-        return json.loads((out / "metrics.json").read_text())
+        return json.loads((out / "metrics.json").read_text(encoding="utf-8"))
     model_path = check_trained_model(recipe)
     started = time.perf_counter()
     rows = load_eval_rows(recipe)
@@ -205,7 +205,7 @@ def evaluate_stage(recipe, engine_kwargs: dict | None = None, progress: bool = T
 def read_metrics(directory: Path) -> dict | None:
     """metrics.json of an eval directory, or None when that evaluation has not run."""
     path = Path(directory) / "metrics.json"
-    return json.loads(path.read_text()) if path.is_file() else None
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
 
 def read_rewards(directory: Path) -> list[float]:

@@ -24,7 +24,7 @@ def _read_records(path: Path) -> list:
     """A JSON list, or JSON lines; a malformed line is named."""
     if not path.is_file():
         raise SELMError(f"questions file not found: {path}")
-    text = path.read_text()
+    text = path.read_text(encoding="utf-8")
     if text.lstrip().startswith("["):
         try:
             records = json.loads(text)
@@ -56,9 +56,13 @@ def load_alpaca_eval_questions(path: str | None) -> list[dict]:
         name, config, split = ALPACA_EVAL_HUB
         try:
             rows = datasets.load_dataset(name, config, split=split).to_list()
-        except (OSError, ValueError, DatasetsError) as e:
-            raise SELMError(f"AlpacaEval questions could not be loaded from the hub ({name}, {config}, {split}): "
-                            f"{type(e).__name__}; download its eval set and pass --questions PATH") from None
+        except (OSError, ValueError, RuntimeError, DatasetsError) as e:
+            # RuntimeError: datasets >= 4 refuses script-based hub datasets, which this one is (DESIGN.md §12);
+            # OSError covers ConnectionError (offline or unreachable hub)
+            reason = (str(e).splitlines() or [""])[0][:200]
+            raise SELMError(f"AlpacaEval questions could not be loaded from the hub dataset {name} (config {config}, "
+                            f"split {split}): {type(e).__name__}: {reason}; download its eval set (alpaca_eval.json, "
+                            "805 questions) and pass --questions PATH") from None
         source = f"{name}:{split}"
     else:
         rows, source = _read_records(Path(path)), path

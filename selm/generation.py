@@ -40,6 +40,9 @@ def check_model_path(model_path: str) -> None:
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise SELMError(f"model directory {path} has no config.json (an unfinished or wrong directory?)")
+        from selm.models import check_weights
+
+        check_weights(path)  # a truncated or missing weight file: one line, before any stage loads it
         return
     if path.exists() or model_path.startswith((".", "/", "~")) or model_path.count("/") > 1:
         raise SELMError(f"model directory not found: {model_path}")
@@ -220,7 +223,9 @@ class _HFBackend:
         if gen.dtype:
             kwargs["dtype"] = getattr(torch, gen.dtype)
         if gen.attn_implementation:
-            kwargs["attn_implementation"] = gen.attn_implementation
+            from selm.models import attention_implementation
+
+            kwargs["attn_implementation"] = attention_implementation(gen.attn_implementation)
         self.model = AutoModelForCausalLM.from_pretrained(gen.model_path, **kwargs).to(self.device).eval()
         tok = gen.tokenizer
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else gen.eos_ids[0]
@@ -387,7 +392,7 @@ def _read_settings(shard_dir: Path) -> dict | None:
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise SELMError(f"{path}: not valid JSON ({e}); delete {shard_dir} and rerun the stage") from None
 

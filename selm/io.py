@@ -150,4 +150,4 @@ def read_parquet_metadata(path) -> dict:
 
 def write_text(path, text: str) -> None:
     with atomic_path(path) as tmp:
-        Path(tmp).write_text(text)
+        Path(tmp).write_text(text, encoding="utf-8")

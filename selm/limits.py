@@ -81,6 +81,15 @@ def check_limits(values: dict, where: str = "") -> None:
                 raise BadValue(key, value, why, where)
 
 
+def check_prompt_room(values: dict, where: str = "") -> None:
+    """Cross-key limits: `max_prompt_length` must leave room for the answer within `max_length` (trl keeps the
+    prompt's last max_prompt_length tokens, then cuts prompt + answer to max_length: no answer token would remain)."""
+    prompt, total = values.get("max_prompt_length"), values.get("max_length")
+    if prompt is not None and total is not None and prompt >= total:
+        raise BadValue("max_prompt_length", prompt, f"it must be below max_length ({total}), which holds prompt and "
+                       "answer together: nothing of the answer would be trained on", where)
+
+
 EXPECTED = {int: "expected a whole number", float: "expected a number", bool: "expected true or false",
             str: "expected a string"}
 

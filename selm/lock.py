@@ -61,7 +61,7 @@ def _held_by_ancestors() -> dict:
 def read_holder(path) -> dict:
     """What the lock file says about its holder ({} when empty or unreadable)."""
     try:
-        holder = json.loads(Path(path).read_text() or "{}")
+        holder = json.loads(Path(path).read_text(encoding="utf-8") or "{}")
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return {}
     return holder if isinstance(holder, dict) else {}

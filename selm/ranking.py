@@ -279,8 +279,11 @@ class RewardModelScorer:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         from selm.compat.llm_blender import auto_device, check_hub_id
+        from selm.models import check_weights
 
-        if not Path(name_or_path).is_dir():
+        if Path(name_or_path).is_dir():
+            check_weights(name_or_path)
+        else:
             check_hub_id(name_or_path)
         self.device = auto_device(device)
         dtype = torch.bfloat16 if self.device.startswith("cuda") else torch.float32

@@ -57,7 +57,7 @@ def package_versions() -> dict:
 
 def _git(*args) -> str | None:
     try:
-        out = subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True, timeout=20)
+        out = subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, timeout=20, encoding="utf-8")
     except (OSError, subprocess.TimeoutExpired):
         return None
     return out.stdout if out.returncode == 0 else None
@@ -83,7 +83,7 @@ def device_info():
     """
     try:
         out = subprocess.run(["nvidia-smi", "--query-gpu=index,uuid,name", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=30)
+                             capture_output=True, timeout=30, encoding="utf-8")
         lines = out.stdout.splitlines() if out.returncode == 0 else []
     except (OSError, subprocess.TimeoutExpired):
         lines = []
@@ -126,7 +126,7 @@ def read_run_info(run_dir) -> dict | None:
     if not path.exists():
         return None
     try:
-        info = json.loads(path.read_text())
+        info = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise SELMError(f"{path}: not valid JSON ({e}); it is this run's launch record, written only by selm: "
                         "move it aside and rerun the stage") from None
@@ -143,7 +143,7 @@ def _update(run_dir, change) -> None:
 
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    with open(run_dir / ".run_info.lock", "a") as lock:
+    with open(run_dir / ".run_info.lock", "a", encoding="utf-8") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # blocking: a writer holds it for milliseconds
         info = read_run_info(run_dir) or {"run_dir": str(run_dir.resolve()), "created": _now(), "launches": []}
         change(info)

@@ -168,15 +168,16 @@ def write_preference_data(directory, splits: dict[str, list[dict]], settings: di
     with atomic_path(directory) as tmp:
         tmp.mkdir()
         for split in SPLITS:
-            (tmp / f"{split}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in splits[split]))
-        (tmp / "settings.json").write_text(json.dumps(settings, indent=1) + "\n")
+            text = "".join(json.dumps(row) + "\n" for row in splits[split])
+            (tmp / f"{split}.jsonl").write_text(text, encoding="utf-8")
+        (tmp / "settings.json").write_text(json.dumps(settings, indent=1) + "\n", encoding="utf-8")
 
 
 def read_split(directory, split: str) -> list[dict]:
     path = Path(directory) / f"{split}.jsonl"
     if not path.is_file():
         raise SELMError(f"missing split file: {path}")
-    return [json.loads(line) for line in path.read_text().splitlines()]
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
 
 def tokenizer_corpus() -> list[str]:

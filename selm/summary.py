@@ -40,11 +40,11 @@ def iteration_summary(k: int, d: Path) -> dict:
            "ranked_rows": _rows(d / "ranked.parquet"), "model": str(d / "model") if (d / "model").is_dir() else None}
     report = d / "rank_report.json"
     if report.exists():
-        out["rank_report"] = json.loads(report.read_text())
+        out["rank_report"] = json.loads(report.read_text(encoding="utf-8"))
         out["mean_score"] = out["rank_report"].get("mean_score")
     log = d / "train_log.json"
     if log.exists():
-        history = json.loads(log.read_text())
+        history = json.loads(log.read_text(encoding="utf-8"))
         steps = [h for h in history if "loss" in h]
         out["train"] = {"steps": len(steps), "first_loss": steps[0]["loss"] if steps else None,
                         "last": steps[-1] if steps else None}
@@ -150,7 +150,7 @@ def _plot(run_dir: Path, iterations: list[dict]) -> None:
         axes[0].hist([r["scores"][0] for r in rows], bins=20, alpha=0.5, label=f"iter {k}: generated")
     axes[0].set(title="Ranker score of the generated response", xlabel="score", ylabel="rows")
     for k, path in logs:
-        history = [h for h in json.loads(path.read_text()) if "loss" in h]
+        history = [h for h in json.loads(path.read_text(encoding="utf-8")) if "loss" in h]
         axes[1].plot([h.get("step", i) for i, h in enumerate(history)], [h["loss"] for h in history], label=f"iter {k}")
     axes[1].set(title="Training loss", xlabel="step", ylabel="loss")
     for ax in axes:

@@ -70,7 +70,7 @@ def save_tiny_pairrm(out_dir, hidden_size: int = 64, num_layers: int = 2, num_he
         built = RankerConfig.from_dict({**ranker_config, "model_name": str(backbone)})
         ranker, _, _ = load_ranker(built)
         save_model(ranker, str(tmp / "model.safetensors"))
-        (tmp / "config.json").write_text(json.dumps(ranker_config, indent=2))
+        (tmp / "config.json").write_text(json.dumps(ranker_config, indent=2), encoding="utf-8")
 
 
 def save_tiny_reward_model(out_dir, hidden_size: int = 64, num_layers: int = 2, num_heads: int = 2,

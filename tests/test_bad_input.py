@@ -61,6 +61,13 @@ RECIPE_CASES = {
     "per-device batch < 1": ("train", {"per_device_train_batch_size": 0}, [], ["'per_device_train_batch_size' is 0"]),
     "max_length < 1": ("train", {"max_length": 0}, [], ["{recipe}: 'max_length' is 0; it must be at least 1"]),
     "warmup < 0": ("train", {"warmup_steps": -0.1}, [], ["{recipe}: 'warmup_steps' is -0.1; it must be >= 0"]),
+    "prompt fills max_length": ("train", {"max_prompt_length": 128}, [],
+                                ["{recipe}: 'max_prompt_length' is 128; it must be below max_length (128)"]),
+    "prompt over max_length, command line": ("generate", {}, ["--max_length", "64"],
+                                             ["'max_prompt_length' is 64; it must be below max_length (64)"]),
+    "prompt fills max_length in a later iteration": (
+        "train", {"max_length": [128, 64], "max_prompt_length": 64}, [],
+        ["{recipe}: 'max_prompt_length' is 64 for iteration 2; it must be below max_length (64)"]),
     "iteration beyond the recipe": ("train", {}, ["--iteration", "3"], ["--iteration 3 is not one of this recipe's"]),
 }
 
@@ -156,6 +163,75 @@ def test_missing_base_model_path(stage, smoke_recipe, capsys):
         write_ranked(recipe.parent / "run")
     assert_refused(recipe.parent, files(recipe.parent), stage, [recipe, "--iteration", "1"],
                    [f"model directory not found: /nonexistent/model (model_name_or_path in {recipe})"], capsys)
+
+
+# ---- damaged model files (an interrupted download or copy): (damage to a copy of the model, damaged file) ----
+def _truncate(name, keep):
+    def damage(model_dir):
+        path = model_dir / name
+        path.write_bytes(path.read_bytes()[:keep(path.stat().st_size)])
+        return path
+    return damage
+
+
+def _delete(name):
+    def damage(model_dir):
+        (model_dir / name).unlink()
+        return model_dir / name if name != "model.safetensors" else model_dir
+    return damage
+
+
+SHARD_2 = "model-00002-of-00003.safetensors"
+MODEL_CASES = {  # (sharded copy?, damage)
+    "truncated weights": (False, _truncate("model.safetensors", lambda size: size // 2)),
+    "one byte short": (False, _truncate("model.safetensors", lambda size: size - 1)),
+    "header cut": (False, _truncate("model.safetensors", lambda size: 5)),
+    "no weights": (False, _delete("model.safetensors")),
+    "missing shard": (True, _delete(SHARD_2)),
+    "truncated shard": (True, _truncate(SHARD_2, lambda size: size - 4096)),
+}
+
+
+def _model_copy(tiny_model_dir, destination, sharded):
+    import shutil
+
+    if not sharded:
+        shutil.copytree(tiny_model_dir, destination)
+        return destination
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    size = sum(p.numel() * p.element_size() for p in model.parameters())
+    model.save_pretrained(destination, max_shard_size=f"{size // 2500}KB")  # three shards
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(destination)
+    assert (destination / SHARD_2).is_file() and (destination / "model.safetensors.index.json").is_file()
+    return destination
+
+
+@pytest.mark.parametrize("case", sorted(MODEL_CASES))
+@pytest.mark.parametrize("stage", ["generate", "train"])
+def test_damaged_base_model_weights(case, stage, smoke_recipe, tiny_model_dir, tmp_path, capsys):
+    sharded, damage = MODEL_CASES[case]
+    model_dir = _model_copy(tiny_model_dir, tmp_path / "copied-model", sharded)
+    damaged = damage(model_dir)
+    recipe = smoke_recipe(model_name_or_path=str(model_dir))
+    if stage == "train":
+        from test_train_script import write_ranked
+        write_ranked(recipe.parent / "run")
+    assert_refused(recipe.parent, files(recipe.parent), stage, [recipe, "--iteration", "1"],
+                   [str(damaged), "re-download or re-copy"], capsys)
+
+
+def test_whole_model_files_pass_the_weight_check(tiny_model_dir, tmp_path):
+    """No false alarm: what transformers saves, single file or sharded, passes, and loads."""
+    from transformers import AutoModelForCausalLM
+
+    from selm.models import check_weights
+
+    for sharded in (False, True):
+        model_dir = _model_copy(tiny_model_dir, tmp_path / f"sharded-{sharded}", sharded)
+        check_weights(model_dir)
+        AutoModelForCausalLM.from_pretrained(model_dir)
 
 
 def test_ranker_returning_nan(smoke_recipe, capsys):

@@ -287,6 +287,26 @@ def test_bad_question_files_are_named_and_nothing_is_written(smoke_recipe, tmp_p
     assert not out.exists() and not list(tmp_path.glob(".answers.out*"))
 
 
+@pytest.mark.parametrize("hub", ["offline", "script-based"])
+def test_unloadable_alpaca_eval_hub_dataset_is_one_line_naming_it_and_the_option(smoke_recipe, tmp_path, capsys,
+                                                                                  monkeypatch, hub):
+    """Offline, datasets raises ConnectionError; where it finds the dataset's loading script (tatsu-lab/alpaca_eval
+    is script-based), datasets >= 4 raises RuntimeError. Here a local script at the same path triggers the real one."""
+    recipe = smoke_recipe()
+    if hub == "script-based":
+        script = tmp_path / "tatsu-lab" / "alpaca_eval" / "alpaca_eval.py"
+        script.parent.mkdir(parents=True)
+        script.write_text("import datasets\n")
+        monkeypatch.chdir(tmp_path)
+    code = run_script("export_answers", [recipe, "--iteration", "base", "--format", "alpaca_eval",
+                                         "--output", tmp_path / "model_outputs.json"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert "tatsu-lab/alpaca_eval" in err[0] and "--questions PATH" in err[0]
+    assert ("RuntimeError" if hub == "script-based" else "ConnectionError") in err[0]
+    assert not (tmp_path / "model_outputs.json").exists()
+
+
 def test_export_without_questions_for_mt_bench_says_what_to_pass(smoke_recipe, tmp_path, capsys):
     code = run_script("export_answers", [smoke_recipe(), "--iteration", "base", "--format", "mt_bench",
                                          "--output", tmp_path / "a.jsonl"])

@@ -101,7 +101,7 @@ def load_pairrm(name_or_path: str, device: str | None = None, dtype: str = "floa
     config_file = path / "config.json"
     if not config_file.is_file():
         raise SELMError(f"{path}: no config.json (not an llm-blender ranker directory)")
-    config = json.loads(config_file.read_text())
+    config = json.loads(config_file.read_text(encoding="utf-8"))
     if config.get("ranker_type") != "pairranker":
         raise SELMError(f"{config_file}: ranker_type is {config.get('ranker_type')!r}; PairRM needs 'pairranker'")
     if not any((path / f).is_file() for f in ("model.safetensors", "pytorch_model.bin")):
