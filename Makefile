@@ -42,7 +42,7 @@ export HF_HUB_ENABLE_HF_TRANSFER ?= 0
 export TOKENIZERS_PARALLELISM ?= false
 
 .PHONY: help install install-gpu demo demo-task demo-selm demo-dpo benchmark smoke smoke-dpo test zephyr-selm zephyr-dpo llama3-selm llama3-dpo run sweep \
-	compare tiny rehearsal-models clean-smoke
+	compare tiny rehearsal-models paper-tokenizers clean-smoke
 
 help:
 	@sed -n '1,/^$$/p' Makefile
@@ -75,7 +75,14 @@ tiny: build/tiny-llama/config.json build/fixture/train_prefs.jsonl
 build/tiny-pairrm/config.json: | $(VENV)/.installed
 	$(PY) scripts/build_tiny_model.py build/tiny-pairrm --kind pairrm
 
-rehearsal-models: tiny build/tiny-pairrm/config.json
+# Offline stand-ins of the paper models' own tokenizer files over tiny random models (docs/tokenizers.md)
+PAPER_STANDINS := zephyr llama3 llama3-first-release
+build/paper/%/config.json: | $(VENV)/.installed
+	$(PY) scripts/build_paper_models.py build/paper --only $*
+
+paper-tokenizers: $(foreach n,$(PAPER_STANDINS),build/paper/$(n)/config.json)
+
+rehearsal-models: tiny build/tiny-pairrm/config.json paper-tokenizers
 
 # ---------------------------------------------------------------- quick start
 test: $(VENV)/.installed

@@ -125,3 +125,20 @@ def varied_model_dir(tmp_path_factory):
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def paper_standin(tmp_path_factory):
+    """`paper_standin(name)`: the directory of an offline stand-in of a paper model (selm/standins), built once.
+
+    Names: 'zephyr', 'llama3' (today's hub files), 'llama3-first-release' (eos <|end_of_text|> only)."""
+    from selm.standins.paper_models import save_standin
+
+    built = {}
+
+    def get(name):
+        if name not in built:
+            built[name] = save_standin(name, tmp_path_factory.mktemp("paper") / name)
+        return built[name]
+
+    return get
