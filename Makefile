@@ -31,6 +31,8 @@ override NUM_GPUS := 2
 ACCELERATE_CONFIG := recipes/accelerate_configs/cpu_zero3.yaml
 PAPER_ROOT := $(RUN_ROOT)/rehearsal
 PAPER_NEEDS := rehearsal-models
+# Each paper target rehearses on the stand-in of its own model's tokenizer files (make paper-tokenizers)
+rehearsal_model = --model_name_or_path build/paper/$(1)
 export OMP_NUM_THREADS ?= 1
 # vLLM's engine in its caller's process: one vLLM import per worker instead of three (an engine starts in ~20 s)
 export VLLM_ENABLE_V1_MULTIPROCESSING ?= 0
@@ -158,16 +160,16 @@ paper_run = $(MAKE) --no-print-directory run RECIPE=$(1) RUN_DIR=$(or $(RUN_DIR)
 	LAUNCH="$(or $(LAUNCH),$(ACCELERATE))" GPUS=$(NUM_GPUS) OVERLAY=$(OVERLAY)
 
 zephyr-selm: $(PAPER_NEEDS)
-	+$(call paper_run,recipes/zephyr-7b-sft/selm.yaml,zephyr-selm,$(ZEPHYR_ITER0))
+	+$(call paper_run,recipes/zephyr-7b-sft/selm.yaml,zephyr-selm,$(ZEPHYR_ITER0) $(call rehearsal_model,zephyr))
 
 zephyr-dpo: $(PAPER_NEEDS)
-	+$(call paper_run,recipes/zephyr-7b-sft/dpo.yaml,zephyr-dpo,$(ZEPHYR_ITER0))
+	+$(call paper_run,recipes/zephyr-7b-sft/dpo.yaml,zephyr-dpo,$(ZEPHYR_ITER0) $(call rehearsal_model,zephyr))
 
 llama3-selm: $(PAPER_NEEDS)
-	+$(call paper_run,recipes/llama-3-8b-instruct/selm.yaml,llama3-selm,)
+	+$(call paper_run,recipes/llama-3-8b-instruct/selm.yaml,llama3-selm,$(call rehearsal_model,llama3))
 
 llama3-dpo: $(PAPER_NEEDS)
-	+$(call paper_run,recipes/llama-3-8b-instruct/dpo.yaml,llama3-dpo,)
+	+$(call paper_run,recipes/llama-3-8b-instruct/dpo.yaml,llama3-dpo,$(call rehearsal_model,llama3))
 
 # ---------------------------------------------------------------- one run: RECIPE, RUN_DIR, ITER, ARGS, LAUNCH
 ifneq ($(filter run run-stages,$(MAKECMDGOALS)),)
@@ -180,11 +182,12 @@ endif
 # REHEARSAL=1 puts the sweep's runs under RUN_ROOT/rehearsal/ (SWEEP_ROOT replaces the sweep file's output_root).
 SWEEP_ROOT ?= $(if $(filter 1,$(REHEARSAL)),$(PAPER_ROOT)/sweeps/$(basename $(notdir $(SWEEP))))
 SWEEP_OPTS := $(if $(SWEEP_ROOT),--output_root $(SWEEP_ROOT))
+SWEEP_MODEL := $(foreach m,zephyr llama3,$(if $(findstring $(m),$(notdir $(SWEEP))),$(call rehearsal_model,$(m))))
 sweep: $(VENV)/.installed $(PAPER_NEEDS)
 	@test -n "$(SWEEP)" || { echo "error: make sweep needs SWEEP=path/to/sweep.yaml" >&2; exit 2; }
 	@runs=$$($(PY) scripts/sweep.py expand $(SWEEP) $(SWEEP_OPTS) $(if $(OVERLAY),--overlay $(OVERLAY))) || exit $$?; \
 	while read -r recipe run_dir combo; do \
-	  $(MAKE) --no-print-directory run RECIPE=$$recipe RUN_DIR=$$run_dir ARGS="$$combo $(ARGS)" OVERLAY=$(OVERLAY) \
+	  $(MAKE) --no-print-directory run RECIPE=$$recipe RUN_DIR=$$run_dir ARGS="$$combo $(SWEEP_MODEL) $(ARGS)" OVERLAY=$(OVERLAY) \
 	    LAUNCH="$(or $(LAUNCH),$(ACCELERATE))" $(if $(LAUNCH),,GPUS=$(NUM_GPUS)) || exit $$?; \
 	done <<< "$$runs"
 	$(PY) scripts/sweep.py table $(SWEEP) $(SWEEP_OPTS)

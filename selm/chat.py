@@ -81,3 +81,55 @@ def end_of_turn_id(tokenizer) -> int | None:
     special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
     after = tokenizer(text.split(_MARK, 1)[1], add_special_tokens=False)["input_ids"]
     return next((i for i in after if i in special), None)
+
+
+# ---- what `--dry_run` shows: the first row's tokens, to check BOS and end of turn before a long run ----
+def show_tokens(tokenizer, ids: list[int], first: int = 40, last: int = 8) -> list[str]:
+    """The first ids, their tokens (the vocabulary's own pieces), and the last tokens (where the turn ends)."""
+    pieces = tokenizer.convert_ids_to_tokens(ids)
+    return [f"  ids[:{first}]:    {ids[:first]}", f"  tokens[:{first}]: {pieces[:first]}",
+            f"  tokens[-{last}:]: {pieces[-last:]}"]
+
+
+def dry_run_preview(recipe, stage: str) -> str:
+    """The first row of what `stage` ('train' or 'generate') would read, as its tokens (selm.chat's rule), in YAML
+    comment lines (the dry run's output stays the recipe's YAML).
+
+    Reads the iteration's own data when it exists, else the first row of the recipe's dataset; the tokenizer is the
+    iteration's start model's, or the base model's (every iteration saves it unchanged) before that model exists."""
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    from selm.data import load_preference_data, prompt_messages, to_trainer_format
+    from selm.generation import check_model_path
+
+    p = recipe.pipeline
+    own = recipe.iter_dir() / ("portion.parquet" if stage == "generate" or recipe.is_generation_free else "ranked.parquet")
+    try:
+        if own.is_file():
+            from selm.data import read_parquet_dataset
+
+            row, source = read_parquet_dataset(own)[0], str(own)
+        else:
+            row, source = load_preference_data(p.dataset_name, p.dataset_split, p.dataset_config, 1)[0], (
+                f"{p.dataset_name}:{p.dataset_split} (this iteration's data is not written yet)")
+        model = recipe.start_model if Path(recipe.start_model).exists() else recipe.model.model_name_or_path
+        check_model_path(model)
+        trust = bool(recipe.training.get("trust_remote_code", False))
+        tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=trust)
+    except (OSError, SELMError) as e:  # a dry run on a machine without the model or data: the config is still shown
+        return f"# {stage} dry run: the first row's tokens are not shown ({str(e).splitlines()[0]})"
+    tokens = ConversationTokens(tokenizer)
+    if stage == "generate":
+        what, ids = "prompt with the generation prompt", tokens.encode(prompt_messages(row), add_generation_prompt=True)
+    else:
+        example = to_trainer_format(row)
+        what, ids = "prompt + chosen", tokens.encode(example["prompt"] + example["chosen"])
+    bos = (f"starts with {tokenizer.decode(tokens.bos_prefix)!r} once (the tokenizer adds it by default)"
+           if tokens.bos_prefix else "no BOS (the tokenizer adds none by default)")
+    end = end_of_turn_id(tokenizer)
+    end_text = f"{tokenizer.decode([end])!r} (id {end})" if end is not None else "none found in the chat template"
+    lines = [f"{stage} dry run: the first row (prompt_id {row.get('prompt_id')}, from {source}), {what}, through the "
+             f"chat template of {model}: {len(ids)} tokens; {bos}; end of turn {end_text}"] + show_tokens(tokenizer, ids)
+    return "\n".join(f"# {line}" for line in lines)
