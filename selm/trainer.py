@@ -7,7 +7,8 @@ with token-summed completion log-probs, the log πref(y_ref) part without gradie
 
 The trainer overrides DPOTrainer at five seams and nowhere else:
 - `_prepare_dataset`: tokenizes `reference_response` exactly like chosen/rejected, starts every sequence with the
-  BOS rule of selm/chat.py and keeps the last `max_prompt_length` prompt tokens (and the BOS);
+  BOS rule of selm/chat.py (trl's chat tokenization adds none: with a BOS-adding tokenizer such as Zephyr's, the one
+  place where the sequences differ from DPOTrainer's) and keeps the last `max_prompt_length` prompt tokens and the BOS;
 - the collator (`SELMDataCollator`): rows are [chosen; rejected; reference], so one forward scores all three;
 - `_set_signature_columns_if_needed`: keeps the reference columns;
 - `compute_ref_log_probs` / `_precompute_ref_logps`: reference log-probs of all three completions;
