@@ -105,7 +105,8 @@ def dry_run_preview(recipe, stage: str) -> str:
     from selm.generation import check_model_path
 
     p = recipe.pipeline
-    own = recipe.iter_dir() / ("portion.parquet" if stage == "generate" or recipe.is_generation_free else "ranked.parquet")
+    reads_portion = stage == "generate" or recipe.is_generation_free
+    own = recipe.iter_dir() / ("portion.parquet" if reads_portion else "ranked.parquet")
     try:
         if own.is_file():
             from selm.data import read_parquet_dataset
@@ -131,5 +132,6 @@ def dry_run_preview(recipe, stage: str) -> str:
     end = end_of_turn_id(tokenizer)
     end_text = f"{tokenizer.decode([end])!r} (id {end})" if end is not None else "none found in the chat template"
     lines = [f"{stage} dry run: the first row (prompt_id {row.get('prompt_id')}, from {source}), {what}, through the "
-             f"chat template of {model}: {len(ids)} tokens; {bos}; end of turn {end_text}"] + show_tokens(tokenizer, ids)
+             f"chat template of {model}: {len(ids)} tokens; {bos}; end of turn {end_text}"]
+    lines += show_tokens(tokenizer, ids)
     return "\n".join(f"# {line}" for line in lines)

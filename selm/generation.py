@@ -8,8 +8,8 @@ Two backends behind one `Generator`:
 Both encode prompts the same way (the chat template with the generation prompt over the whole multi-turn prompt,
 starting with exactly one BOS where the tokenizer adds one: selm/chat.py), stop at the tokenizer's EOS, at every
 EOS id of the model's generation_config and at the chat template's end-of-turn token (Llama-3's <|eot_id|>, also
-when the model's files name only <|end_of_text|>), and take the sampling settings from the recipe only (a model's generation_config may ship temperature/top_p/top_k defaults;
-they are not used).
+when the model's files name only <|end_of_text|>), and take the sampling settings from the recipe only (a model's
+generation_config may ship temperature/top_p/top_k defaults; they are not used).
 
 Seeds: vLLM seeds each prompt from the seed and the prompt's index, so its output does not depend on batching or
 sharding; hf seeds each batch (seed + index of the call's first prompt + batch number), so a given batch size

@@ -300,13 +300,14 @@ class SELMTrainer(DPOTrainer):
                     kwargs = dict(example.get("chat_template_kwargs") or {})
                     if example.get("tools") is not None:
                         kwargs["tools"] = example["tools"]
-                    full = tokens.with_bos(_tokenize(processing_class, example["prompt"] + reference, **kwargs)["input_ids"])
+                    full = _tokenize(processing_class, example["prompt"] + reference, **kwargs)["input_ids"]
                 else:
                     if not had_prompt and reference.startswith(example["prompt"]):
                         reference = reference[len(example["prompt"]):]
                     if not reference.endswith(eos):  # trl appends EOS to standard-format chosen/rejected
                         reference = reference + eos
-                    full = tokens.with_bos(_tokenize(processing_class, example["prompt"] + reference)["input_ids"])
+                    full = _tokenize(processing_class, example["prompt"] + reference)["input_ids"]
+                full = tokens.with_bos(full)
                 shared = common_prefix_length(prompt_ids, full)
                 if shared < len(prompt_ids):
                     # y_ref's tokens diverge from the prompt earlier than y_w's/y_l's: move the prompt's tail into

@@ -77,14 +77,14 @@ def prepared(model_dir, tokenizer, rows, args):
     from selm.trainer import SELMTrainer
 
     model = AutoModelForCausalLM.from_pretrained(model_dir)
-    trainer = SELMTrainer(model, ref_model=copy.deepcopy(model), args=args, train_dataset=datasets.Dataset.from_list(rows),
-                          processing_class=tokenizer)
+    trainer = SELMTrainer(model, ref_model=copy.deepcopy(model), args=args,
+                          train_dataset=datasets.Dataset.from_list(rows), processing_class=tokenizer)
     return trainer.train_dataset
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_training_sequences_start_with_one_bos(name, model_dirs, tokenizers, tmp_path):
-    """prompt + chosen, prompt + rejected and prompt + y_ref are each the whole conversation as the model was trained."""
+    """prompt + chosen, prompt + rejected and prompt + y_ref: each the whole conversation as the model was trained."""
     from selm.trainer import completion_logps
 
     tok, rows = tokenizers[name], trainer_rows()
@@ -205,7 +205,8 @@ def ends_turn_dir(paper_standin, tmp_path_factory):
     model.generation_config = GenerationConfig.from_pretrained(source)
     model.save_pretrained(path)
     # the model does emit <|eot_id|> and runs on past it when only <|end_of_text|> stops it
-    ids = torch.tensor([tok.apply_chat_template(CONVERSATION, add_generation_prompt=True, return_dict=True)["input_ids"]])
+    prompt = tok.apply_chat_template(CONVERSATION, add_generation_prompt=True, return_dict=True)["input_ids"]
+    ids = torch.tensor([prompt])
     out = model.generate(ids, max_new_tokens=5, do_sample=False, eos_token_id=128001, pad_token_id=128001)
     assert out[0, ids.shape[1]:].tolist() == [hello, eot, there, there, there]
     return path, tok.decode([hello])
