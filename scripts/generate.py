@@ -18,7 +18,10 @@ def main(argv=None):
 
     recipe, dry_run = parse_recipe(argv, stage="generate")
     if dry_run:
+        from selm.chat import dry_run_preview
+
         print(recipe.to_yaml())
+        print(dry_run_preview(recipe, "generate"))  # check BOS and end of turn
         return
     with stage_lock(recipe), stage_record(recipe):
         out = recipe.iter_dir() / "generated.parquet"

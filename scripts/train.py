@@ -124,7 +124,10 @@ def main(argv=None):
 
     recipe, dry_run = parse_recipe(argv, stage="train")
     if dry_run:
+        from selm.chat import dry_run_preview
+
         print(recipe.to_yaml())
+        print(dry_run_preview(recipe, "train"))  # check BOS and end of turn
         return 0
     with stage_lock(recipe), stage_record(recipe) as launch:
         return train_iteration(recipe, launch)

@@ -6,10 +6,10 @@ Two backends behind one `Generator`:
   `tensor_parallel_size` inside the engine, `data_parallel_size` as one process per replica (selm.parallel).
 
 Both encode prompts the same way (the chat template with the generation prompt over the whole multi-turn prompt,
-tokenized without adding special tokens again: the template already has BOS where the model wants one), stop at
-the tokenizer's EOS and at every EOS id of the model's generation_config (Llama-3's <|eot_id|>), and take the
-sampling settings from the recipe only (a model's generation_config may ship temperature/top_p/top_k defaults;
-they are not used).
+starting with exactly one BOS where the tokenizer adds one: selm/chat.py), stop at the tokenizer's EOS, at every
+EOS id of the model's generation_config and at the chat template's end-of-turn token (Llama-3's <|eot_id|>, also
+when the model's files name only <|end_of_text|>), and take the sampling settings from the recipe only (a model's
+generation_config may ship temperature/top_p/top_k defaults; they are not used).
 
 Seeds: vLLM seeds each prompt from the seed and the prompt's index, so which random numbers a prompt draws does not
 depend on batching or sharding; hf seeds each batch (seed + index of the call's first prompt + batch number). The
@@ -27,6 +27,7 @@ import os
 import time
 from pathlib import Path
 
+from selm.chat import ConversationTokens
 from selm.errors import SELMError
 
 VLLM_INSTALL_HINT = ("the vllm backend needs vLLM: `pip install -e .[vllm]` on a GPU machine, or "
@@ -79,8 +80,11 @@ def check_trained_model(recipe) -> str:
 
 
 def _eos_ids(tokenizer, model_path: str, trust_remote_code: bool) -> list[int]:
-    """The tokenizer's EOS plus every EOS id of the model's generation config, in that order, deduplicated."""
+    """The tokenizer's EOS, every EOS id of the model's generation config, then the chat template's end-of-turn
+    token, in that order, deduplicated."""
     from transformers import GenerationConfig
+
+    from selm.chat import end_of_turn_id
 
     ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     try:
@@ -91,7 +95,8 @@ def _eos_ids(tokenizer, model_path: str, trust_remote_code: bool) -> list[int]:
         config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
         extra = getattr(config, "eos_token_id", None)
     extra = [] if extra is None else [extra] if isinstance(extra, int) else list(extra)
-    ids = list(dict.fromkeys(ids + extra))
+    end_of_turn = end_of_turn_id(tokenizer)
+    ids = list(dict.fromkeys(ids + extra + ([end_of_turn] if end_of_turn is not None else [])))
     if not ids:
         raise SELMError(f"{model_path}: neither the tokenizer nor the generation config defines an EOS token")
     return ids
@@ -130,6 +135,7 @@ class Generator:
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path, trust_remote_code=trust_remote_code)
         if not self.tokenizer.chat_template:
             raise SELMError(f"{model_path}: the tokenizer has no chat template")
+        self.tokens = ConversationTokens(self.tokenizer)
         self.eos_ids = _eos_ids(self.tokenizer, self.model_path, trust_remote_code)
         limit = settings.max_model_len if settings.generation_backend == "vllm" else None
         self.context_length = _context_length(self.model_path, trust_remote_code, limit)
@@ -137,12 +143,8 @@ class Generator:
 
     # ---- prompts ----
     def encode(self, conversations: list[list[dict]]) -> list[list[int]]:
-        """Chat template + generation prompt over each whole conversation; no special tokens added twice."""
-        ids = []
-        for messages in conversations:
-            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-            ids.append(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-        return ids
+        """Chat template + generation prompt over each whole conversation, with one BOS (selm/chat.py)."""
+        return [self.tokens.encode(messages, add_generation_prompt=True) for messages in conversations]
 
     def too_long(self, prompt_token_ids: list[list[int]]) -> dict[int, str]:
         """{index: why} of the prompts whose tokens + max_new_tokens do not fit the context (none if it is unknown)."""

@@ -31,6 +31,7 @@ import logging
 import math
 from pathlib import Path
 
+from selm.chat import ConversationTokens
 from selm.errors import SELMError
 
 logger = logging.getLogger(__name__)
@@ -298,18 +299,18 @@ class RewardModelScorer:
         if self.model.config.num_labels != 1:
             raise SELMError(f"reward model {name_or_path}: num_labels is {self.model.config.num_labels}; "
                             f"a reward model has one output")
+        self.tokens = ConversationTokens(self.tokenizer)
         self.pad_id = self.tokenizer.pad_token_id
         self.batch_size = batch_size if self.pad_id is not None else 1
         self.max_length = max_length
         self.truncated = 0
 
     def encode(self, prompt, answer) -> list[int]:
-        text = self.tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": answer}], tokenize=False)
-        # The template writes BOS itself where the model has one; adding special tokens again would double it.
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        # One BOS where the tokenizer adds one, never two, kept when the left is cut (selm/chat.py).
+        ids = self.tokens.encode(prompt + [{"role": "assistant", "content": answer}])
         if len(ids) > self.max_length:
             self.truncated += 1
-            ids = ids[-self.max_length:]
+            ids = self.tokens.keep_prompt_end(ids, self.max_length)
         return ids
 
     def __call__(self, prompts, candidates):

@@ -6,8 +6,9 @@
 with token-summed completion log-probs, the log πref(y_ref) part without gradient, and the mean over the batch.
 
 The trainer overrides DPOTrainer at five seams and nowhere else:
-- `_prepare_dataset`: tokenizes `reference_response` exactly like chosen/rejected and keeps the last
-  `max_prompt_length` prompt tokens;
+- `_prepare_dataset`: tokenizes `reference_response` exactly like chosen/rejected, starts every sequence with the
+  BOS rule of selm/chat.py (trl's chat tokenization adds none: with a BOS-adding tokenizer such as Zephyr's, the one
+  place where the sequences differ from DPOTrainer's) and keeps the last `max_prompt_length` prompt tokens and the BOS;
 - the collator (`SELMDataCollator`): rows are [chosen; rejected; reference], so one forward scores all three;
 - `_set_signature_columns_if_needed`: keeps the reference columns;
 - `compute_ref_log_probs` / `_precompute_ref_logps`: reference log-probs of all three completions;
@@ -41,6 +42,7 @@ from trl.trainer.dpo_trainer import DataCollatorForPreference
 from trl.trainer.utils import get_config_model_id, pad, use_adapter
 
 from selm import prefix_sharing
+from selm.chat import ConversationTokens
 from selm.errors import SELMError, SELMValueError
 from selm.trainer_config import SELMConfig
 
@@ -297,9 +299,10 @@ class SELMTrainer(DPOTrainer):
         dataset = super()._prepare_dataset(dataset, processing_class, _ArgsWithoutLengthFilter(args), dataset_name)
         has_reference = REFERENCE in _column_names(dataset)
         eos = self._tokenizer.eos_token
+        tokens = ConversationTokens(self._tokenizer)  # one BOS rule for prompt, chosen, rejected and y_ref
 
         def add_reference(example, index):
-            prompt_ids = example["prompt_ids"]
+            prompt_ids = tokens.with_bos(example["prompt_ids"])  # trl's chat tokenization adds no BOS
             out = {}
             if has_reference:
                 reference = example[REFERENCE]
@@ -318,6 +321,7 @@ class SELMTrainer(DPOTrainer):
                     if not reference.endswith(eos):  # trl appends EOS to standard-format chosen/rejected
                         reference = reference + eos
                     full = _tokenize(processing_class, example["prompt"] + reference)["input_ids"]
+                full = tokens.with_bos(full)
                 shared = common_prefix_length(prompt_ids, full)
                 if shared < len(prompt_ids):
                     # y_ref's tokens diverge from the prompt earlier than y_w's/y_l's: move the prompt's tail into
@@ -327,9 +331,7 @@ class SELMTrainer(DPOTrainer):
                     out["rejected_ids"] = tail + example["rejected_ids"]
                     prompt_ids = prompt_ids[:shared]
                 out["reference_ids"] = full[shared:]
-            if max_prompt_length is not None:
-                prompt_ids = prompt_ids[-max_prompt_length:] if max_prompt_length > 0 else []
-            out["prompt_ids"] = prompt_ids
+            out["prompt_ids"] = tokens.keep_prompt_end(prompt_ids, max_prompt_length)  # keeps its BOS
             return out
 
         map_kwargs = {"desc": f"Tokenizing reference responses of {dataset_name} dataset"} if isinstance(dataset, Dataset) else {}

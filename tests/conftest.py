@@ -147,3 +147,20 @@ def models(tiny_model_dir, tokenizer):
 
     policy = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     return policy, build_model(tokenizer, seed=1)
+
+
+@pytest.fixture(scope="session")
+def paper_standin(tmp_path_factory):
+    """`paper_standin(name)`: the directory of an offline stand-in of a paper model (selm/standins), built once.
+
+    Names: 'zephyr', 'llama3' (today's hub files), 'llama3-first-release' (eos <|end_of_text|> only)."""
+    from selm.standins.paper_models import save_standin
+
+    built = {}
+
+    def get(name):
+        if name not in built:
+            built[name] = save_standin(name, tmp_path_factory.mktemp("paper") / name)
+        return built[name]
+
+    return get

@@ -116,6 +116,26 @@ def test_dry_run_loads_no_model(smoke_recipe, tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
+def test_dry_run_shows_the_first_prompts_tokens(paper_standin, smoke_recipe, tmp_path, capsys):
+    import ast
+
+    import yaml
+    from transformers import AutoTokenizer
+
+    from selm.data import prompt_messages
+    from selm.tiny import fixture_rows
+
+    tokenizer = AutoTokenizer.from_pretrained(paper_standin("zephyr"))
+    recipe = smoke_recipe(model_name_or_path=str(paper_standin("zephyr")))
+    assert run_script(recipe, "--iteration", 1, "--dry_run") == 0
+    out = capsys.readouterr().out
+    assert yaml.safe_load(out)["stage"] == "generate"  # the token lines are YAML comments
+    (ids_line,) = [line for line in out.splitlines() if line.startswith("#   ids[")]
+    text = tokenizer.apply_chat_template(prompt_messages(fixture_rows(1)[0]), add_generation_prompt=True, tokenize=False)
+    assert ast.literal_eval(ids_line.split("]: ", 1)[1].strip()) == tokenizer(text)["input_ids"][:40]  # <s> first
+    assert not (tmp_path / "run").exists()
+
+
 def test_greedy_ignores_model_sampling_defaults_and_is_batch_size_stable(varied_model_dir, tmp_path):
     """Greedy output must not change with the batch size (left padding) or a model config asking to sample."""
     from transformers import GenerationConfig

@@ -33,7 +33,7 @@ def test_zephyr_selm_then_dpo_rehearsed_on_cpu_share_iteration_zero(tmp_path):
     selm, zero = root / "zephyr-selm", root / "zephyr-iter0"
     frozen = yaml.safe_load((selm / "recipe.yaml").read_text())
     assert frozen["alpha"] == 0.001 and frozen["learning_rate"] == [5e-7, 5e-7, 5e-7, 1e-7]  # the paper recipe's
-    assert frozen["model_name_or_path"] == "build/tiny-llama" and frozen["ranker"] == "pairrm"  # the overlay's
+    assert frozen["model_name_or_path"] == "build/paper/zephyr" and frozen["ranker"] == "pairrm"  # the stand-in's
     # iteration 0, then iteration 1, each evaluated (the base model too, beside the shared iteration 0)
     order = [(r["stage"], r["iteration"]) for r in launches(selm)]
     assert order == [("train", 0), ("evaluate", "base"), ("evaluate", 0), ("generate", 1), ("rank", 1),
@@ -56,6 +56,11 @@ def test_zephyr_selm_then_dpo_rehearsed_on_cpu_share_iteration_zero(tmp_path):
     report = json.loads((selm / "iter-1" / "rank_report.json").read_text())
     assert report["ranker"] == "pairrm" and report["rows_in"] == 16
     assert read_parquet_metadata(selm / "iter-1" / "ranked.parquet")["ranker_model"] == "build/tiny-pairrm"
+    # the models carry Zephyr's own tokenizer files (the stand-in's): Mistral's vocabulary, <s> added by default
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(selm / "iter-1" / "model")
+    assert len(tokenizer) == 32000 and tokenizer("Hi")["input_ids"][0] == tokenizer.bos_token_id == 1
 
     # the DPO baseline reuses the shared iteration 0 and the base model's evaluation instead of redoing them
     shared = {p: p.stat().st_mtime_ns for p in zero.rglob("*") if p.is_file()}
@@ -79,6 +84,9 @@ def test_every_paper_target_accepts_rehearsal(target, tmp_path):
     assert generates and all("--data_parallel_size 2" in line for line in generates)
     assert all(str(tmp_path / "rehearsal") in line for line in trains + generates)
     assert "--overlay recipes/rehearsal.yaml" in out
+    family = "llama3" if "llama3" in target else "zephyr"  # the sweep file is zephyr-alpha.yaml
+    freezes = [line for line in out.splitlines() if "scripts/freeze_recipe.py" in line]
+    assert freezes and all(f"--model_name_or_path build/paper/{family} " in line + " " for line in freezes)
     assert not tmp_path.exists() or not list(tmp_path.iterdir())  # make -n writes nothing
 
 

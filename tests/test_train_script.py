@@ -100,6 +100,26 @@ def test_dry_run_prints_the_iterations_learning_rate_without_loading_a_model(smo
     assert not (recipe.parent / "run").exists()
 
 
+@pytest.mark.parametrize("name, first, end", [("zephyr", "<s>", "</s>"), ("llama3", "<|begin_of_text|>", "<|eot_id|>")])
+def test_dry_run_shows_the_first_training_rows_tokens(name, first, end, paper_standin, smoke_recipe, capsys):
+    """A user's first check on a real model: the first training row's tokens, BOS and end of turn, before any run."""
+    import ast
+
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(paper_standin(name))
+    recipe = smoke_recipe(model_name_or_path=str(paper_standin(name)))
+    assert train_main()([str(recipe), "--iteration", "1", "--dry_run"]) == 0
+    out = capsys.readouterr().out
+    assert yaml.safe_load(out)["iteration"] == 1  # the token lines are YAML comments
+    lines = [line for line in out.splitlines() if line.startswith("#   ")]
+    ids, tokens = (ast.literal_eval(line.split("]: ", 1)[1].strip()) for line in lines[:2])
+    assert ids[0] == tokenizer.convert_tokens_to_ids(first) and ids.count(ids[0]) == 1
+    assert tokens == tokenizer.convert_ids_to_tokens(ids) and tokens[0] == first
+    assert end in lines[2] and f"end of turn '{end}'" in out
+    assert not (recipe.parent / "run").exists()
+
+
 def test_missing_reference_response_with_alpha_names_the_column(smoke_recipe, capsys):
     recipe = smoke_recipe()
     path = write_ranked(recipe.parent / "run", with_reference=False)
