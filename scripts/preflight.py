@@ -7,13 +7,24 @@ The named paper targets (make zephyr-selm, ...) run it first; REHEARSAL=1 (CPU) 
 
 import sys
 
-from selm.configs import main_guard
+from selm.cli import RECIPE_OVERRIDES, main_guard, script_parser
 from selm.preflight import preflight
+
+
+def _parser():
+    parser = script_parser(__doc__, epilog=RECIPE_OVERRIDES)
+    parser.add_argument("recipe", help="the recipe file")
+    parser.add_argument("--overlay", action="append", help="a recipe file merged over it (repeatable)")
+    parser.add_argument("--output_dir", help="the run directory")
+    parser.add_argument("--num_gpus", help="GPUs the run will use (make's NUM_GPUS)")
+    return parser
 
 
 @main_guard
 def main(argv=None):
-    print(preflight(list(sys.argv[1:] if argv is None else argv)))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    _parser().parse_known_args(argv)  # --help, and a missing RECIPE; preflight reads the words themselves
+    print(preflight(argv))
     return 0
 
 

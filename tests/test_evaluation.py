@@ -206,7 +206,7 @@ def test_fig4_log_probs_use_one_device_when_the_process_sees_eight_gpus(smoke_re
     class RecordingTrainer:
         def __init__(self, model, ref_model=None, args=None, train_dataset=None, processing_class=None):
             given.update(n_gpu=args.n_gpu, device=str(args.device), precompute=args.precompute_ref_log_probs)
-            self.train_dataset = {"prompt_id": [], "ref_chosen_logps": [], "ref_rejected_logps": []}
+            self.train_dataset = {"row": [], "prompt_id": [], "ref_chosen_logps": [], "ref_rejected_logps": []}
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
