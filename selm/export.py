@@ -57,7 +57,7 @@ def load_alpaca_eval_questions(path: str | None) -> list[dict]:
         try:
             rows = datasets.load_dataset(name, config, split=split).to_list()
         except (OSError, ValueError, RuntimeError, DatasetsError) as e:
-            # RuntimeError: datasets >= 4 refuses script-based hub datasets, which this one is (DESIGN.md §12);
+            # RuntimeError: datasets >= 4 refuses script-based hub datasets, which this one is (alpaca_eval issue 454);
             # OSError covers ConnectionError (offline or unreachable hub)
             reason = (str(e).splitlines() or [""])[0][:200]
             raise SELMError(f"AlpacaEval questions could not be loaded from the hub dataset {name} (config {config}, "
