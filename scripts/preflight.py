@@ -7,7 +7,7 @@ The named paper targets (make zephyr-selm, ...) run it first; REHEARSAL=1 (CPU) 
 
 import sys
 
-from selm.configs import main_guard
+from selm.cli import main_guard
 from selm.preflight import preflight
 
 

@@ -72,11 +72,12 @@ USAGE = ("python scripts/preflight.py RECIPE.yaml [--overlay PATH] --output_dir 
 
 def preflight(argv: list[str]) -> str:
     """Recipe, base model, then the GPU environment; raises SELMError with the first thing wrong, else a summary."""
-    from selm.configs import _split_cli, check_every_iteration, merge_recipe_sources
+    from selm.cli import split_cli
+    from selm.recipe.freeze import check_every_iteration, merge_recipe_sources
     from selm.generation import check_model_path
 
     num_gpus, rest = None, argv[:1]
-    for key, value in _split_cli(argv[1:]):
+    for key, value in split_cli(argv[1:]):
         if key == "num_gpus":
             if value is None or not value.isdigit() or int(value) < 1:
                 raise SELMError(f"command line: --num_gpus needs a whole number >= 1, got {value!r}")

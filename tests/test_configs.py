@@ -6,8 +6,9 @@ import sys
 import pytest
 import yaml
 
-from selm.configs import freeze_recipe, parse_recipe
 from selm.errors import SELMError
+from selm.recipe.freeze import freeze_recipe
+from selm.recipe.parse import parse_recipe
 
 from conftest import REPO
 
@@ -104,7 +105,7 @@ def test_bad_values_are_named(tmp_path):
 def test_dry_run_prints_the_iteration_without_loading_a_model(tmp_path):
     # The GPU recipe resolves on this CPU machine: the DPOConfig (which would insist on a GPU for bf16) is not built.
     out = subprocess.run(
-        [sys.executable, "-c", "import sys; from selm.configs import parse_recipe; r, d = parse_recipe(sys.argv[1:]); "
+        [sys.executable, "-c", "import sys; from selm.recipe.parse import parse_recipe; r, d = parse_recipe(sys.argv[1:]); "
          "assert d; print(r.to_yaml()); import sys as s; print('torch.nn loaded' if 'transformers.models.llama' in s.modules else '')",
          str(REPO / "recipes/llama-3-8b-instruct/selm.yaml"), "--iteration", "2", "--num_processes", "8", "--dry_run"],
         capture_output=True, text=True, check=True,
@@ -187,7 +188,7 @@ def test_plan_is_what_the_stages_resolve_whatever_overlays_comments_and_args_say
     words = plan_as_make_words(plan).split()
     assert "iterations=0,1,2" in words and "evaluate_base=1" in words and "tp_1=4" in words
     # the stages read the same values from the frozen merge
-    from selm.configs import freeze_recipe
+    from selm.recipe.freeze import freeze_recipe
 
     frozen, _ = freeze_recipe(argv)
     for k in (0, 1, 2, 3):
@@ -217,7 +218,7 @@ def test_sweep_expands_one_checked_run_per_combination_including_iteration_count
                                              for n, a in [(1, 0.0), (1, 0.001), (3, 0.0), (3, 0.001)]]
     assert not (tmp_path / "runs").exists()  # expanding writes nothing: each run freezes itself when it starts
     # the overrides freeze to the combination's values
-    from selm.configs import freeze_recipe
+    from selm.recipe.freeze import freeze_recipe
 
     recipe, run_dir, args = runs[3]
     frozen = yaml.safe_load(freeze_recipe([recipe, "--output_dir", str(run_dir), *args])[0].read_text())
