@@ -124,7 +124,7 @@ class Generator:
                  attn_implementation: str | None = None, engine_kwargs: dict | None = None, progress: bool = True):
         from transformers import AutoTokenizer
 
-        # every setting (the backend's name included) was checked when GenerationArguments was built (selm.recipe.schema)
+        # every setting (the backend's name too) was checked when GenerationArguments was built (selm.recipe.schema)
         check_model_path(model_path)
         self.model_path, self.settings = str(model_path), settings
         self.dtype = None if dtype in (None, "auto") else str(dtype)

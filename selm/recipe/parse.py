@@ -90,7 +90,8 @@ def unknown_key_error(source, key, known) -> SELMError:
 def print_help(stage: str) -> None:
     from selm.recipe.trl_parser import RecipeParser
 
-    RecipeParser(list(recipe_classes().values()), prog=f"python scripts/{stage}.py RECIPE.yaml --iteration K").print_help()
+    prog = f"python scripts/{stage}.py RECIPE.yaml --iteration K"
+    RecipeParser(list(recipe_classes().values()), prog=prog).print_help()
 
 
 # ---- the iteration structure ----
@@ -138,7 +139,7 @@ def parse_recipe(argv: list[str] | None = None, stage: str = "train", raw: dict 
     for key in raw:
         if key not in fields:
             raise unknown_key_error(path, key, known)
-    cli = _read_command_line(argv[1:], stage, fields, known)
+    cli = _read_command_line(argv[1:], stage, path, fields, known)
     overrides = cli["overrides"]
 
     # The iteration count decides how long per-iteration lists must be (a command-line count counts).
@@ -178,7 +179,7 @@ def parse_recipe(argv: list[str] | None = None, stage: str = "train", raw: dict 
     return recipe, cli["dry_run"]
 
 
-def _read_command_line(rest: list[str], stage: str, fields: dict, known: list[str]) -> dict:
+def _read_command_line(rest: list[str], stage: str, path: Path, fields: dict, known: list[str]) -> dict:
     """The stage keys (--iteration, --dry_run, --num_processes) and the recipe overrides {key: string or None}."""
     out = {"iteration": None, "base": False, "dry_run": False, "num_processes": None, "overrides": {}}
     for key, value in split_cli(rest):
@@ -197,7 +198,7 @@ def _read_command_line(rest: list[str], stage: str, fields: dict, known: list[st
         else:
             out["overrides"][key] = value
     if out["iteration"] is None and not out["base"]:
-        raise SELMError(f"command line: --iteration K is required (python scripts/{stage}.py RECIPE.yaml --iteration K)")
+        raise SELMError(f"command line: --iteration K is required (python scripts/{stage}.py {path} --iteration K)")
     if out["num_processes"] is None:
         out["num_processes"] = int(os.environ.get("WORLD_SIZE", "1"))
     if out["num_processes"] < 1:
