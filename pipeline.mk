@@ -49,7 +49,7 @@ stage = $(2)
 endif
 
 # A stage under LAUNCH (accelerate, srun): its one-line error is followed by the launcher's report of the failed
-# processes, so the stage also writes the line to RUN_DIR/.error-NAME (selm.configs.main_guard) and it is printed
+# processes, so the stage also writes the line to RUN_DIR/.error-NAME (selm.cli.main_guard) and it is printed
 # again once the launcher has exited: the cause ends the output (before make's own "*** ... Error" lines).
 # (No $$ in it: inside ITERATION_RULES it is expanded once more by $(eval).)
 launched = { rm -f $(RUN_DIR)/.error-$(1); SELM_ERROR_FILE=$(RUN_DIR)/.error-$(1) $(2) \

@@ -109,7 +109,7 @@ def answer_stats(conversations, rewards, answers) -> dict:
 
 def evaluate(model_path, conversations, batch_size: int, max_new_tokens: int) -> dict:
     """Greedy answers to the held-out prompts and their true rewards (the evaluation stage's metric)."""
-    from selm.configs import GenerationArguments
+    from selm.recipe.schema import GenerationArguments
     from selm.generation import Generator
     from selm.sorting_task import reward
 
@@ -134,7 +134,7 @@ def run_method(seed, recipe: dict, run_dir: Path, test_prompts, log) -> dict:
     """Three pipeline iterations of one recipe; returns per-iteration held-out stats, rank reports and timings."""
     import yaml
 
-    from selm.configs import parse_recipe
+    from selm.recipe.parse import parse_recipe
     from selm.generation import generate_stage
     from selm.ranking import run_ranking_stage
 

@@ -53,7 +53,7 @@ def medians(variants: dict[str, list[str]], repeats: int, env=None) -> dict[str,
 
 def evaluate_main(model: str, data_dir: str, backend: str, batch_size: int, max_new_tokens: int) -> None:
     """The held-out evaluation in this process (what an evaluate stage does): greedy answers, mean true reward."""
-    from selm.configs import GenerationArguments
+    from selm.recipe.schema import GenerationArguments
     from selm.generation import Generator
     from selm.sorting_task import read_split, reward
 

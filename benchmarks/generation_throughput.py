@@ -32,7 +32,7 @@ def parse_args():
 def main():
     import torch
 
-    from selm.configs import GenerationArguments
+    from selm.recipe.schema import GenerationArguments
     from selm.data import prompt_messages
     from selm.generation import Generator
     from selm.tiny import fixture_rows, save_tiny_model

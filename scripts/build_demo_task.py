@@ -11,7 +11,7 @@ import argparse
 import dataclasses
 import sys
 
-from selm.configs import main_guard
+from selm.cli import main_guard
 from selm.demo_task import DemoTaskSettings, build_demo_task
 
 

@@ -6,7 +6,7 @@ files of Zephyr-7B-SFT and Llama-3-8B-Instruct (today's and first-release) over 
 
 import argparse
 
-from selm.configs import main_guard
+from selm.cli import main_guard
 from selm.standins.paper_models import STANDINS, save_standin
 
 

@@ -10,7 +10,8 @@ eval/metrics.json; resumable, and a finished evaluation is not redone.
 import json
 import sys
 
-from selm.configs import main_guard, parse_recipe
+from selm.cli import main_guard
+from selm.recipe.parse import parse_recipe
 
 
 @main_guard

@@ -10,7 +10,7 @@ RECIPE is usually a run's frozen recipe (runs/NAME/recipe.yaml); --key value are
 import sys
 
 from selm.cli import RECIPE_OVERRIDES, main_guard, script_parser
-from selm.configs import parse_recipe
+from selm.recipe.parse import parse_recipe
 from selm.export import FORMATS, export_answers
 
 

@@ -10,7 +10,7 @@ later calls check that the recipe and overrides still match it, so a rerun canno
 import sys
 
 from selm.cli import RECIPE_OVERRIDES, main_guard, script_parser
-from selm.configs import freeze_recipe
+from selm.recipe.freeze import freeze_recipe
 
 
 def _parser():

@@ -7,7 +7,8 @@ Resumable: finished shards in iter-K/generated.shards/ are kept; an existing gen
 
 import sys
 
-from selm.configs import main_guard, parse_recipe
+from selm.cli import main_guard
+from selm.recipe.parse import parse_recipe
 
 
 @main_guard

@@ -6,7 +6,8 @@ iter-K/rank_report.json (see selm/ranking.py for the candidates, update rules an
 
 import sys
 
-from selm.configs import main_guard, parse_recipe
+from selm.cli import main_guard
+from selm.recipe.parse import parse_recipe
 
 
 @main_guard

@@ -16,7 +16,8 @@ import shutil
 import sys
 from contextlib import nullcontext
 
-from selm.configs import main_guard, parse_recipe
+from selm.cli import main_guard
+from selm.recipe.parse import parse_recipe
 from selm.models import load_model
 from selm.errors import SELMError
 

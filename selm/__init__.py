@@ -5,7 +5,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "SELMConfig": "selm.trainer_config",
     "SELMTrainer": "selm.trainer",
-    "parse_recipe": "selm.configs",
+    "parse_recipe": "selm.recipe.parse",
     "SELMError": "selm.errors",
 }
 

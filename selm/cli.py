@@ -4,7 +4,7 @@
 - `script_parser` is the argparse parser of a script's own options: its help is the script's docstring, and a bad
   argument is one such line too, not argparse's usage wall.
 - A script that takes a recipe gives what its own parser does not know (`--iteration`, `--dry_run`, recipe keys)
-  to the recipe parser (`selm.configs.parse_recipe`, trl's `TrlParser` underneath: its `--help` lists every key).
+  to the recipe parser (`selm.recipe.parse.parse_recipe`, trl's `TrlParser` underneath: its `--help` lists every key).
 - `split_cli` turns `--key value` / `--key=value` / `--flag` words into pairs; the recipe parser, the freeze
   step and the planner read overrides through it.
 """

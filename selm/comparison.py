@@ -62,7 +62,7 @@ def _paired_difference(a_dir: str, b_dir: str) -> dict:
 
 def implicit_reward_differences(run_a: Path, run_b: Path, iteration: str) -> dict:
     """{'chosen': [...], 'rejected': [...]}: r_A(x, y) − r_B(x, y) on the held-out pairs both runs scored."""
-    from selm.configs import parse_recipe
+    from selm.recipe.parse import parse_recipe
     from selm.evaluation import implicit_rewards
 
     tables = []

@@ -211,9 +211,9 @@ def portion_bounds(num_rows: int, num_portions: int, index: int) -> tuple[int, i
 
 
 def select_portion(dataset, num_portions: int, index: int, mode: str = "contiguous", seed: int = 42):
-    """The `index`-th of `num_portions` portions: contiguous slices (the paper), or slices of a seeded shuffle."""
-    if mode not in ("contiguous", "shuffled"):
-        raise SELMError(f"portion_split is {mode!r}; expected 'contiguous' or 'shuffled'")
+    """The `index`-th of `num_portions` portions: contiguous slices (the paper), or slices of a seeded shuffle.
+
+    `mode` is a recipe's portion_split, one of its schema's choices (checked when the recipe is parsed)."""
     order = np.arange(len(dataset))
     if mode == "shuffled":
         order = np.random.default_rng(seed).permutation(len(dataset))

@@ -97,7 +97,7 @@ def build_demo_task(settings: DemoTaskSettings, data_dir, model_dir, log=print) 
 def greedy_rewards(model_path, conversations: list[list[dict]], batch_size: int = 64,
                    max_new_tokens: int = 16) -> list[float]:
     """True reward of the model's greedy answer to each conversation (hf backend, as the pipeline's stages)."""
-    from selm.configs import GenerationArguments
+    from selm.recipe.schema import GenerationArguments
     from selm.generation import generate_responses
 
     settings = GenerationArguments(generation_backend="hf", temperature=0.0, max_new_tokens=max_new_tokens,

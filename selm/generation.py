@@ -117,16 +117,14 @@ def _context_length(model_path: str, trust_remote_code: bool, max_model_len: int
 class Generator:
     """Tokenizer, stop ids and (loaded on first use) the model of one backend; `close()` frees the device memory.
 
-    `settings` is a `selm.configs.GenerationArguments`; `engine_kwargs` go to `vllm.LLM` as they are.
+    `settings` is a `selm.recipe.schema.GenerationArguments`; `engine_kwargs` go to `vllm.LLM` as they are.
     """
 
     def __init__(self, model_path: str, settings, *, dtype: str | None = "auto", trust_remote_code: bool = False,
                  attn_implementation: str | None = None, engine_kwargs: dict | None = None, progress: bool = True):
         from transformers import AutoTokenizer
 
-        if settings.generation_backend not in ("hf", "vllm"):
-            raise SELMError(f"generation_backend is {settings.generation_backend!r}; expected 'hf' or 'vllm'")
-        # the sampling settings were checked when GenerationArguments was built (selm.configs.LIMITS)
+        # every setting (the backend's name too) was checked when GenerationArguments was built (selm.recipe.schema)
         check_model_path(model_path)
         self.model_path, self.settings = str(model_path), settings
         self.dtype = None if dtype in (None, "auto") else str(dtype)

@@ -73,8 +73,8 @@ USAGE = ("python scripts/preflight.py RECIPE.yaml [--overlay PATH] --output_dir 
 def preflight(argv: list[str]) -> str:
     """Recipe, base model, then the GPU environment; raises SELMError with the first thing wrong, else a summary."""
     from selm.cli import split_cli
-    from selm.configs import check_every_iteration, merge_recipe_sources
     from selm.generation import check_model_path
+    from selm.recipe.freeze import check_every_iteration, merge_recipe_sources
 
     num_gpus, rest = None, argv[:1]
     for key, value in split_cli(argv[1:]):

@@ -36,9 +36,6 @@ from selm.errors import SELMError
 
 logger = logging.getLogger(__name__)
 
-UPDATE_RULES = ("best_worst", "replace", "original")
-TIE_POLICIES = ("drop", "keep")
-
 
 # ---------------------------------------------------------------------------------------------------------------
 # Decisions
@@ -61,7 +58,8 @@ def select_pair(scores, num_generated: int, update_rule: str) -> tuple[int, int]
         return original_chosen, reference
     if update_rule == "original":
         return original_chosen, original_rejected
-    raise SELMError(f"update_rule is {update_rule!r}; expected one of {list(UPDATE_RULES)}")
+    # reached only by a direct caller: a recipe's update_rule is one of the schema's choices (checked at parse time)
+    raise SELMError(f"update_rule is {update_rule!r}; expected 'best_worst', 'replace' or 'original'")
 
 
 def candidates_of(row) -> list[str]:
@@ -89,12 +87,9 @@ def check_generated_rows(rows, source) -> None:
 def rank_rows(rows: list[dict], scorer, update_rule: str = "best_worst", on_tie: str = "drop", source: str = "input"):
     """Score and decide every row. Returns (kept rows, dropped rows, report); every input row is in one of the two.
 
-    `rows` are dicts in the generated.parquet schema (already validated as UltraFeedback rows).
+    `rows` are dicts in the generated.parquet schema (already validated as UltraFeedback rows); `update_rule` and
+    `on_tie` are a RankingArguments' values (checked when it was built).
     """
-    if update_rule not in UPDATE_RULES:
-        raise SELMError(f"update_rule is {update_rule!r}; expected one of {list(UPDATE_RULES)}")
-    if on_tie not in TIE_POLICIES:
-        raise SELMError(f"on_tie is {on_tie!r}; expected one of {list(TIE_POLICIES)}")
     check_generated_rows(rows, source)
     prompts = [list(row["chosen"][:-1]) for row in rows]
     candidates = [candidates_of(row) for row in rows]
@@ -344,7 +339,7 @@ class RewardModelScorer:
 
 def _score_shard(items, ranking: dict):
     """Worker of ShardedScorer (module level, so a spawned process can import it): score (prompt, candidates) items."""
-    from selm.configs import RankingArguments
+    from selm.recipe.schema import RankingArguments
 
     scorer = build_scorer(RankingArguments(**ranking), num_workers=1)
     scores = scorer([p for p, _ in items], [c for _, c in items])
@@ -394,10 +389,9 @@ def build_scorer(ranking, device: str | None = None, num_workers: int | None = N
     if ranking.ranker == "pairrm":
         return PairRMScorer(ranking.ranker_model_name_or_path, ranking.ranker_batch_size, device,
                             ranking.pairrm_dtype)
-    if ranking.ranker == "reward_model":
-        return RewardModelScorer(ranking.ranker_model_name_or_path, ranking.ranker_batch_size,
-                                 ranking.ranker_max_length, device)
-    raise SELMError(f"ranker is {ranking.ranker!r}; expected 'pairrm', 'reward_model' or 'oracle'")
+    # the one ranker left: RankingArguments checked `ranker` against its choices when it was built
+    return RewardModelScorer(ranking.ranker_model_name_or_path, ranking.ranker_batch_size,
+                             ranking.ranker_max_length, device)
 
 
 # ---------------------------------------------------------------------------------------------------------------

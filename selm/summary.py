@@ -10,14 +10,14 @@ from selm.io import atomic_path, parquet_num_rows, read_parquet, write_text
 
 def _shared_iteration_zero(run_dir: Path) -> str | None:
     """The frozen recipe's shared iteration-0 directory, when the run has one."""
-    from selm.configs import _plan_of, load_recipe_yaml
+    from selm.recipe.parse import iterations_of, load_recipe_yaml
 
     frozen = run_dir / "recipe.yaml"
     if not frozen.exists():
         return None
     recipe = load_recipe_yaml(frozen)
-    # read as make's plan reads it ('false' in quotes is false)
-    return recipe.get("iteration_zero_dir") if _plan_of(recipe, str(frozen))["dpo_iteration_zero"] else None
+    # read as the parser reads it ('false' in quotes is false)
+    return recipe.get("iteration_zero_dir") if iterations_of(recipe, str(frozen))[0] == 0 else None
 
 
 def _iteration_dirs(run_dir: Path) -> list[tuple[int, Path]]:
@@ -54,10 +54,9 @@ def iteration_summary(k: int, d: Path) -> dict:
 def held_out(run_dir: Path) -> list[dict]:
     """The held-out evaluations of a run, base first, then by iteration: [{iteration, dir, metrics}, ...]."""
     from selm.evaluation import read_metrics
+    from selm.layout import RunLayout
 
-    from selm.configs import base_dir
-
-    found = [("base", base_dir(run_dir, _shared_iteration_zero(run_dir)) / "eval")]
+    found = [("base", RunLayout(run_dir, _shared_iteration_zero(run_dir)).eval_dir("base"))]
     found += [(k, d / "eval") for k, d in _iteration_dirs(run_dir)]
     return [{"iteration": k, "dir": str(d), "metrics": m} for k, d in found if (m := read_metrics(d)) is not None]
 

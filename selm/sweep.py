@@ -21,7 +21,7 @@ from pathlib import Path
 
 import yaml
 
-from selm.configs import load_recipe_yaml
+from selm.recipe.parse import load_recipe_yaml
 from selm.errors import SELMError
 from selm.io import write_text
 from selm.summary import held_out, summarize_run
@@ -76,7 +76,7 @@ def expand(path, output_root: str | None = None, overlay: str | None = None) -> 
     """(recipe, run dir, overrides) per combination, in grid order, each checked for every iteration (with the overlay
     make will freeze it with). Writes nothing: every run freezes its own recipe when `make run` starts it (so
     `make -n sweep` has no side effects)."""
-    from selm.configs import check_every_iteration, merge_recipe_sources
+    from selm.recipe.freeze import check_every_iteration, merge_recipe_sources
 
     sweep = load_sweep(path, output_root)
     out = []

@@ -1,11 +1,16 @@
-"""`SELMConfig`: trl's `DPOConfig` plus SELM's optimism coefficient."""
+"""`SELMConfig`: trl's `DPOConfig` plus SELM's optimism coefficient.
+
+Its constraints (and those of the DPOConfig fields a recipe sets) are checked by the recipe's one check pass
+(`selm.recipe.schema.check_fields`): when a recipe is parsed, and again when the config is built directly (benchmarks,
+tests and library callers construct it without a recipe).
+"""
 
 from dataclasses import dataclass, field
 
 from trl import DPOConfig
 
-from selm.errors import SELMError
 from selm.prefix_sharing import parse_mode
+from selm.recipe.schema import check_fields
 
 
 @dataclass
@@ -19,7 +24,9 @@ class SELMConfig(DPOConfig):
         default=0.0,
         metadata={
             "help": "SELM optimism coefficient. The term is alpha * beta * (log pi(y_ref) - log ref(y_ref)), as in "
-            "the official code (the paper's Algorithm 1 omits beta). 0 gives plain DPO (sigmoid loss)."
+            "the official code (the paper's Algorithm 1 omits beta). 0 gives plain DPO (sigmoid loss).",
+            "min": 0,
+            "note": "0 is plain DPO",
         },
     )
     # Nothing leaves the machine by surprise: when a recipe does set push_to_hub, the repository is private.
@@ -30,7 +37,9 @@ class SELMConfig(DPOConfig):
     max_prompt_length: int | None = field(
         default=None,
         metadata={
-            "help": "Keep only the last N prompt tokens (the paper: 512). None: the prompt is only cut by max_length."
+            "help": "Keep only the last N prompt tokens (the paper: 512). None: the prompt is only cut by max_length.",
+            "min": 1,
+            "note": "or null for no prompt cut",
         },
     )
 
@@ -49,8 +58,4 @@ class SELMConfig(DPOConfig):
     def __post_init__(self):
         super().__post_init__()
         self.prefix_sharing = parse_mode(self.prefix_sharing)
-        if self.alpha < 0:
-            raise SELMError(f"training config: 'alpha' is {self.alpha}; it must be >= 0 (0 is plain DPO)")
-        if self.max_prompt_length is not None and self.max_prompt_length < 1:
-            raise SELMError(f"training config: 'max_prompt_length' is {self.max_prompt_length}; it must be >= 1 "
-                            "(or null for no prompt cut)")
+        check_fields(self)

@@ -265,7 +265,7 @@ def _make_ranked(recipe):
 
 
 def _make_portion(recipe):
-    from selm.configs import parse_recipe
+    from selm.recipe.parse import parse_recipe
     from selm.data import ensure_portion
     return ensure_portion(parse_recipe([str(recipe), "--iteration", "1"])[0])
 

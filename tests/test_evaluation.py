@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from selm.configs import parse_recipe
+from selm.recipe.parse import parse_recipe
 from selm.errors import SELMError
 
 from conftest import script_main
@@ -235,7 +235,7 @@ def test_alpaca_eval_export_keeps_the_question_order_and_every_field(smoke_recip
     assert [r["dataset"] for r in records] == ["helpful_base", "alpaca", "oasst"]
     assert all(r["generator"] == "run-base" and isinstance(r["output"], str) and r["output"] for r in records)
     # greedy and through the model's chat template: the same answers as the generation code gives
-    from selm.configs import GenerationArguments
+    from selm.recipe.schema import GenerationArguments
     from selm.generation import generate_responses
 
     expected = generate_responses(str(varied_model_dir), [[{"role": "user", "content": r["instruction"]}] for r in records],
@@ -244,7 +244,7 @@ def test_alpaca_eval_export_keeps_the_question_order_and_every_field(smoke_recip
 
 
 def test_mt_bench_export_answers_two_turns_with_the_first_answer_in_context(smoke_recipe, varied_model_dir, tmp_path):
-    from selm.configs import GenerationArguments
+    from selm.recipe.schema import GenerationArguments
     from selm.export import export_answers
     from selm.generation import generate_responses
 

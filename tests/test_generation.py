@@ -33,7 +33,7 @@ def leftovers(directory: Path) -> list[str]:
 
 
 def settings(**kw):
-    from selm.configs import GenerationArguments
+    from selm.recipe.schema import GenerationArguments
 
     base = dict(generation_backend="hf", max_new_tokens=8, generation_batch_size=4)
     return GenerationArguments(**{**base, **kw})
@@ -525,7 +525,7 @@ def test_vllm_seeds_per_prompt_and_stops_at_eos_ids(vllm_gen):
 
 @pytest.mark.slow
 def test_vllm_data_parallel_stage_merges_in_order(vllm_gen, smoke_recipe, varied_model_dir, tmp_path, monkeypatch):
-    from selm.configs import parse_recipe
+    from selm.recipe.parse import parse_recipe
 
     for key, value in FAST_START_ENV.items():  # inherited by the two spawned engine processes
         monkeypatch.setenv(key, value)

@@ -11,7 +11,8 @@ import pytest
 import torch
 import yaml
 
-from selm.configs import merge_recipe_sources, parse_recipe
+from selm.recipe.freeze import merge_recipe_sources
+from selm.recipe.parse import parse_recipe
 from selm.errors import SELMError
 
 from conftest import REPO, script_main

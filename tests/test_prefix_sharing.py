@@ -311,7 +311,7 @@ def test_return_outputs_on_a_packed_batch_is_refused(tmp_path, tokenizer, datase
 
 
 def test_recipe_with_flash_attention_and_prefix_sharing_fails_at_dry_run(smoke_recipe):
-    from selm.configs import parse_recipe
+    from selm.recipe.parse import parse_recipe
 
     recipe = smoke_recipe(attn_implementation="flash_attention_2", prefix_sharing=True)
     with pytest.raises(SELMError, match="attn_implementation: sdpa") as error:

@@ -151,7 +151,7 @@ def test_pairrm_dtype_on_a_gpu_is_what_the_recipe_says(dtype, fp16, tiny_pairrm_
     from llm_blender.blender.blender import Blender
     from llm_blender.pair_ranker.config import RankerConfig
 
-    from selm.configs import RankingArguments
+    from selm.recipe.schema import RankingArguments
     from selm.ranking import build_scorer
 
     given, real_load = [], Blender.loadranker
@@ -216,7 +216,7 @@ def test_reward_model_batched_scores_match_one_by_one(tiny_rm_dir):
 
 def test_sharded_scorer_matches_one_process(tiny_rm_dir):
     """The multi-GPU path (one process per shard, merged in order), run here with 2 CPU processes."""
-    from selm.configs import RankingArguments
+    from selm.recipe.schema import RankingArguments
     from selm.ranking import ShardedScorer, build_scorer
 
     ranking = RankingArguments(ranker="reward_model", ranker_model_name_or_path=str(tiny_rm_dir),

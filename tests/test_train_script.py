@@ -179,7 +179,7 @@ import importlib.util, sys
 from pathlib import Path
 
 import selm.io
-from selm.configs import parse_recipe
+from selm.recipe.parse import parse_recipe
 
 spec = importlib.util.spec_from_file_location("train_script", sys.argv[2])
 train = importlib.util.module_from_spec(spec)
