@@ -52,7 +52,7 @@ def test_generation_prompt_starts_with_one_bos(name, model_dirs, tokenizers):
 
 def trainer_rows():
     from selm.data import to_trainer_format
-    from selm.tiny import fixture_rows
+    from selm.standins.tiny import fixture_rows
 
     rows = fixture_rows(5)  # row 3 has a system message, row 4 is multi-turn
     for i, row in enumerate(rows):

@@ -19,7 +19,7 @@ def dataset():
     import datasets
 
     from selm.data import to_trainer_format
-    from selm.tiny import fixture_rows
+    from selm.standins.tiny import fixture_rows
 
     rows = []
     for i, row in enumerate(fixture_rows(12)):

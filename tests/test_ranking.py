@@ -24,7 +24,7 @@ from selm.ranking import (
     rank_rows,
     select_pair,
 )
-from selm.tiny import fixture_rows
+from selm.standins.tiny import fixture_rows
 
 from conftest import REPO, script_main
 
@@ -249,16 +249,16 @@ def test_reward_model_without_chat_template_is_refused(tiny_rm_dir, tmp_path):
 
 def test_oracle_scorer_and_function_spec_errors():
     rows = fixture_rows(8)
-    scorer = OracleScorer("selm.tiny:fixture_reward")
+    scorer = OracleScorer("selm.standins.tiny:fixture_reward")
     scores = scorer([r["chosen"][:-1] for r in rows], [[r["chosen"][-1]["content"], r["rejected"][-1]["content"], ""]
                                                       for r in rows])
     assert scores == [[1.0, 0.0, 0.0]] * 8
     with pytest.raises(SELMError, match="expected 'module:function'"):
-        load_function("selm.tiny.fixture_reward")
+        load_function("selm.standins.tiny.fixture_reward")
     with pytest.raises(SELMError, match="module 'selm.nope' not found"):
         load_function("selm.nope:f")
     with pytest.raises(SELMError, match="no function 'nope'"):
-        load_function("selm.tiny:nope")
+        load_function("selm.standins.tiny:nope")
 
 
 def test_oracle_must_return_a_number(tmp_path, monkeypatch):
@@ -377,7 +377,7 @@ def run_rank(recipe, *args):
 
 
 def test_rank_script_oracle_end_to_end(smoke_recipe, capsys):
-    recipe = smoke_recipe()  # ranker: oracle (selm.tiny:fixture_reward), update_rule best_worst, on_tie keep
+    recipe = smoke_recipe()  # ranker: oracle (selm.standins.tiny:fixture_reward), update_rule best_worst, on_tie keep
     generated, rows = write_generated(recipe)
     iter_dir = generated.parent
     assert run_rank(recipe) == 0

@@ -21,7 +21,7 @@ def write_ranked(run_dir, iteration=1, with_reference=True):
     import pyarrow as pa
 
     from selm.io import write_parquet
-    from selm.tiny import fixture_rows
+    from selm.standins.tiny import fixture_rows
 
     rows = fixture_rows(ROWS)
     if with_reference:
