@@ -84,22 +84,6 @@ def test_cli_trains_saves_resumes_and_skips(smoke_recipe, tiny_model_dir, capsys
     assert (model_dir / "model.safetensors").stat().st_mtime_ns == stamp
 
 
-def test_dry_run_prints_the_iterations_learning_rate_without_loading_a_model(smoke_recipe, monkeypatch, capsys):
-    import transformers
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("dry run loaded a model or tokenizer")
-
-    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse)
-    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", refuse)
-    recipe = smoke_recipe(model_name_or_path="/nonexistent/model")
-    for iteration, lr in ((1, 5.0e-4), (2, 2.0e-4)):
-        assert train_main()([str(recipe), "--iteration", str(iteration), "--dry_run"]) == 0
-        printed = yaml.safe_load(capsys.readouterr().out)
-        assert printed["training"]["learning_rate"] == lr and printed["iteration"] == iteration
-    assert not (recipe.parent / "run").exists()
-
-
 @pytest.mark.parametrize("name, first, end", [("zephyr", "<s>", "</s>"), ("llama3", "<|begin_of_text|>", "<|eot_id|>")])
 def test_dry_run_shows_the_first_training_rows_tokens(name, first, end, paper_standin, smoke_recipe, capsys):
     """A user's first check on a real model: the first training row's tokens, BOS and end of turn, before any run."""
