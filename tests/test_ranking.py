@@ -212,6 +212,8 @@ def test_reward_model_batched_scores_match_one_by_one(tiny_rm_dir):
     assert short.truncated > 0
 
 
+# slow: two worker processes, each loading torch and the model (23 s here, on shared cores)
+@pytest.mark.slow
 def test_sharded_scorer_matches_one_process(tiny_rm_dir):
     """The multi-GPU path (one process per shard, merged in order), run here with 2 CPU processes."""
     from selm.configs import RankingArguments

@@ -183,6 +183,8 @@ print(f"rank {args.process_index} read {len(train.load_training_data_once(recipe
 '''
 
 
+# slow: two torchrun nodes, each importing the trainer stack (28 s here, on shared cores)
+@pytest.mark.slow
 def test_two_nodes_write_iteration_zeros_portion_once(smoke_recipe, tmp_path):
     """Two one-process "nodes" on this machine (torchrun --nnodes 2): each is its node's local main, and before they
     both wrote the shared portion.parquet at once. The global main writes it; the other reads it."""
