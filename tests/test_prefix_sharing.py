@@ -207,6 +207,7 @@ print(f"rank {trainer.accelerator.process_index} trained, packed {packed}", flus
 '''
 
 
+@pytest.mark.slow  # over 10 s here: make test-fast leaves it out
 @pytest.mark.parametrize("rows", ["dpo", "selm"])
 def test_ranks_that_disagree_on_packing_train_together(rows, tmp_path, tiny_model_dir):
     """prefix_sharing: auto decides per batch and per rank: at some step one rank packs and the other does not, and

@@ -52,6 +52,7 @@ def assert_loadable(model_dir, start_dir):
     assert changed, "training did not change any weight"
 
 
+@pytest.mark.slow  # over 10 s here: make test-fast leaves it out
 def test_cli_trains_saves_resumes_and_skips(smoke_recipe, tiny_model_dir, capsys):
     # keep_checkpoints: the test stands in for a crash after step 1 by deleting the finished model
     recipe = smoke_recipe(save_strategy="steps", save_steps=1, warmup_steps=0, keep_checkpoints=True)
