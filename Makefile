@@ -117,7 +117,7 @@ test-fast: $(VENV)/.installed
 demo demo-task demo-selm demo-dpo benchmark smoke smoke-dpo: export OMP_NUM_THREADS ?= 1
 
 # ---------------------------------------------------------------- the demo: SELM against iterative DPO
-# A sorting task whose reward is exact (selm/sorting_task.py) and a small SFT base that sorts partly right, built
+# A sorting task whose reward is exact (selm/standins/sorting_task.py) and a small SFT base that sorts partly right, built
 # once per seed under build/demo/; recipes/demo/{selm,dpo}.yaml run side by side (2 jobs, 1 thread each), then the
 # comparison: the held-out mean true reward per iteration of both, figures, and where the time went.
 DEMO_SEED ?= 10

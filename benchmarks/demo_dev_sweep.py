@@ -5,13 +5,14 @@ sorting task, on seeds 0-2 only (10-14 are the reported seeds and are refused he
     python benchmarks/demo_dev_sweep.py --report            # rewrite the markdown from the stored results
 
 Each run is the pipeline in one process, through the stages' own code: per iteration `generate_stage` (greedy, hf
-backend), `run_ranking_stage` (oracle `selm.sorting_task:reward`, best_worst), `scripts/train.py`'s main (SELMTrainer,
-precomputed reference log-probs, starting from the previous iteration's model, a fresh cosine cycle), then greedy
-answers to the held-out prompts scored by the true reward. Every configuration runs DPO (alpha 0) and SELM from the
-same saved base with the same portions and seed. Results are appended to benchmarks/results/demo_dev_sweep.jsonl (a
-finished run is not redone) and tabulated in benchmarks/demo_dev_sweep.md (the text above its marker line is kept),
-with the alpha grid in benchmarks/demo_dev_sweep_alpha.png. Grids run for the demo: lr, beta_lr, portion, alpha,
-alpha_p500 (about 2 hours in all on 2 shared cores, two processes at a time with --configs).
+backend), `run_ranking_stage` (oracle `selm.standins.sorting_task:reward`, best_worst), `scripts/train.py`'s main
+(SELMTrainer, precomputed reference log-probs, starting from the previous iteration's model, a fresh cosine cycle),
+then greedy answers to the held-out prompts scored by the true reward. Every configuration runs DPO (alpha 0) and
+SELM from the same saved base with the same portions and seed. Results are appended to
+benchmarks/results/demo_dev_sweep.jsonl (a finished run is not redone) and tabulated in benchmarks/demo_dev_sweep.md
+(the text above its marker line is kept), with the alpha grid in benchmarks/demo_dev_sweep_alpha.png. Grids run for
+the demo: lr, beta_lr, portion, alpha, alpha_p500 (about 2 hours in all on 2 shared cores, two
+processes at a time with --configs).
 """
 
 import argparse
@@ -45,7 +46,8 @@ BASE_RECIPE = {
     "num_iterations": ITERATIONS, "dpo_iteration_zero": False, "portion_split": "contiguous",
     "generation_backend": "hf", "temperature": 0.0, "num_responses": 1, "max_new_tokens": 16,
     "generation_batch_size": 64, "generation_shard_size": 100000,
-    "ranker": "oracle", "oracle_reward": "selm.sorting_task:reward", "update_rule": "best_worst", "on_tie": "drop",
+    "ranker": "oracle", "oracle_reward": "selm.standins.sorting_task:reward",
+    "update_rule": "best_worst", "on_tie": "drop",
     "beta": 0.1, "learning_rate": 3.0e-5, "lr_scheduler_type": "cosine", "warmup_steps": 0.1, "num_train_epochs": 1,
     "per_device_train_batch_size": 16, "global_batch_size": 16, "max_length": 64, "max_prompt_length": 32,
     "precompute_ref_log_probs": True, "bf16": False, "use_cpu": True, "gradient_checkpointing": False,
@@ -111,7 +113,7 @@ def evaluate(model_path, conversations, batch_size: int, max_new_tokens: int) ->
     """Greedy answers to the held-out prompts and their true rewards (the evaluation stage's metric)."""
     from selm.recipe.schema import GenerationArguments
     from selm.generation import Generator
-    from selm.sorting_task import reward
+    from selm.standins.sorting_task import reward
 
     settings = GenerationArguments(generation_backend="hf", temperature=0.0, max_new_tokens=max_new_tokens,
                                    generation_batch_size=batch_size)
@@ -188,8 +190,8 @@ def main(argv=None):
 def run_grid(opts):
     import shutil
 
-    from selm.demo_task import DemoTaskSettings, build_demo_task
-    from selm.sorting_task import read_split
+    from selm.standins.demo_task import DemoTaskSettings, build_demo_task
+    from selm.standins.sorting_task import read_split
 
     workdir = Path(opts.workdir)
     done = {r["key"] for r in load_results()}

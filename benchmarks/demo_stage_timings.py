@@ -55,7 +55,7 @@ def evaluate_main(model: str, data_dir: str, backend: str, batch_size: int, max_
     """The held-out evaluation in this process (what an evaluate stage does): greedy answers, mean true reward."""
     from selm.recipe.schema import GenerationArguments
     from selm.generation import Generator
-    from selm.sorting_task import read_split, reward
+    from selm.standins.sorting_task import read_split, reward
 
     prompts = [r["chosen"][:-1] for r in read_split(data_dir, "test_prefs")]
     kwargs = dict(gpu_memory_utilization=0.1, max_model_len=128) if backend == "vllm" else {}

@@ -35,7 +35,7 @@ def main():
     from selm.recipe.schema import GenerationArguments
     from selm.data import prompt_messages
     from selm.generation import Generator
-    from selm.tiny import fixture_rows, save_tiny_model
+    from selm.standins.tiny import fixture_rows, save_tiny_model
 
     args = parse_args()
     tmp = tempfile.TemporaryDirectory(prefix="selm-bench-")

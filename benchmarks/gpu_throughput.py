@@ -42,7 +42,7 @@ def build_trainer(opts, shape, device):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from selm.data import to_trainer_format
-    from selm.tiny import build_tokenizer, fixture_rows
+    from selm.standins.tiny import build_tokenizer, fixture_rows
     from selm.trainer import SELMTrainer
     from selm.trainer_config import SELMConfig
 

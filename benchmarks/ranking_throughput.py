@@ -23,7 +23,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def workload(rows: int, responses: int):
-    from selm.tiny import fixture_rows
+    from selm.standins.tiny import fixture_rows
 
     data = fixture_rows(rows)
     prompts = [r["chosen"][:-1] for r in data]
@@ -58,7 +58,7 @@ def main():
         torch.set_num_threads(args.threads)
 
     from selm.ranking import PairRMScorer, RewardModelScorer
-    from selm.tiny_ranker import save_tiny_pairrm, save_tiny_reward_model
+    from selm.standins.tiny_ranker import save_tiny_pairrm, save_tiny_reward_model
 
     prompts, candidates = workload(args.rows, args.responses)
     num_candidates = sum(len(c) for c in candidates)

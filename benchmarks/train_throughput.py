@@ -75,7 +75,7 @@ def build_rows(opts, ratio: float, seed: int = 0) -> list[dict]:
 
 
 def build_models(opts):
-    from selm.tiny import build_model, build_tokenizer
+    from selm.standins.tiny import build_model, build_tokenizer
 
     tokenizer = build_tokenizer()
     sizes = dict(hidden_size=opts.hidden_size, num_layers=opts.layers, num_heads=opts.hidden_size // 64,

@@ -12,7 +12,7 @@ import dataclasses
 import sys
 
 from selm.cli import main_guard
-from selm.demo_task import DemoTaskSettings, build_demo_task
+from selm.standins.demo_task import DemoTaskSettings, build_demo_task
 
 
 @main_guard

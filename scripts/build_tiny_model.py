@@ -7,7 +7,7 @@ PairRM-architecture ranker (llm-blender) or reward model. Random weights: they e
 
 import argparse
 
-from selm.tiny import save_tiny_model
+from selm.standins.tiny import save_tiny_model
 
 
 def main(argv=None):
@@ -24,7 +24,7 @@ def main(argv=None):
         save_tiny_model(args.output_dir, hidden_size=args.hidden_size, num_layers=args.num_layers,
                         num_heads=args.num_heads, intermediate_size=args.intermediate_size, seed=args.seed)
     else:
-        from selm.tiny_ranker import save_tiny_pairrm, save_tiny_reward_model
+        from selm.standins.tiny_ranker import save_tiny_pairrm, save_tiny_reward_model
 
         (save_tiny_pairrm if args.kind == "pairrm" else save_tiny_reward_model)(args.output_dir, seed=args.seed)
     print(f"tiny {args.kind} saved to {args.output_dir}")

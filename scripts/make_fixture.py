@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 from selm.io import write_text
-from selm.tiny import fixture_splits
+from selm.standins.tiny import fixture_splits
 
 
 def main(argv=None):

@@ -191,7 +191,7 @@ def load_function(spec: str | None, key: str = "oracle_reward"):
 
 
 class OracleScorer:
-    """A known reward `function(prompt_messages, response) -> float` (e.g. selm.tiny:fixture_reward)."""
+    """A known reward `function(prompt_messages, response) -> float` (e.g. selm.standins.tiny:fixture_reward)."""
 
     def __init__(self, spec: str):
         self.spec = spec

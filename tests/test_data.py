@@ -9,7 +9,7 @@ from selm.data import (ensure_portion, load_preference_data, portion_bounds, pro
                        to_trainer_format)
 from selm.errors import SELMError
 from selm.io import atomic_path, read_parquet_metadata, write_parquet
-from selm.tiny import fixture_rows
+from selm.standins.tiny import fixture_rows
 
 
 def write_jsonl(path, rows):
@@ -261,7 +261,7 @@ def test_repeated_rows_go_through_generate_rank_train_evaluate_and_compare(tmp_p
     from selm.recipe.parse import parse_recipe
     from selm.evaluation import evaluate_stage, implicit_rewards
     from selm.io import read_parquet
-    from selm.tiny import fixture_splits
+    from selm.standins.tiny import fixture_splits
 
     from conftest import script_main, write_smoke_recipe
 

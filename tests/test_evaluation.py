@@ -28,7 +28,7 @@ def recipe_for(path, iteration="1", stage="evaluate", *overrides):
 
 
 def save_model(path, seed):
-    from selm.tiny import build_model, build_tokenizer
+    from selm.standins.tiny import build_model, build_tokenizer
 
     tokenizer = build_tokenizer()
     build_model(tokenizer, seed=seed).save_pretrained(path)
@@ -46,7 +46,7 @@ def test_evaluate_base_writes_answers_and_metrics_whose_mean_is_the_answers_mean
     out = tmp_path / "run" / "base" / "eval"
     answers = pq.read_table(out / "answers.parquet").to_pylist()
     assert [a["prompt_id"] for a in answers] == [f"fixture-test-{i:04d}" for i in range(12)]
-    from selm.tiny import fixture_reward
+    from selm.standins.tiny import fixture_reward
 
     for a in answers:  # the oracle's score, recomputed from the stored answer
         assert a["reward"] == fixture_reward(a["prompt"], a["answer"])
@@ -58,7 +58,7 @@ def test_evaluate_base_writes_answers_and_metrics_whose_mean_is_the_answers_mean
     assert metrics["win_rate"] == pytest.approx(sum(a["win"] for a in answers) / len(answers))
     assert metrics["model"] == str(varied_model_dir) and metrics["iteration"] == "base"
     assert metrics["prompts"]["rows"] == 12 and metrics["prompts"]["split"] == "test_prefs"
-    assert metrics["ranker"]["oracle_reward"] == "selm.tiny:fixture_reward"
+    assert metrics["ranker"]["oracle_reward"] == "selm.standins.tiny:fixture_reward"
     assert metrics["generation"]["greedy"] and metrics["generation"]["max_new_tokens"] == 8
     assert not (out / "answers.shards").exists() and not list(out.glob(".*"))
     mtime = (out / "metrics.json").stat().st_mtime_ns
@@ -68,7 +68,7 @@ def test_evaluate_base_writes_answers_and_metrics_whose_mean_is_the_answers_mean
 
 def test_a_held_out_prompt_too_long_for_the_context_is_named_and_not_scored(smoke_recipe, tiny_model_dir, tmp_path):
     from selm.evaluation import evaluate_stage
-    from selm.tiny import fixture_splits
+    from selm.standins.tiny import fixture_splits
 
     held_out = fixture_splits(100, 6)["test_prefs"]
     long_question = " ".join(["seven plus seven"] * 200)  # ~600 tokens: over the tiny model's 512 with the answer
@@ -134,7 +134,7 @@ def test_iteration_base_is_only_for_evaluation_and_export(smoke_recipe):
 def test_pairrm_reward_is_antisymmetric_and_zero_against_itself(tiny_pairrm_dir):
     from selm.evaluation import score_against_reference
     from selm.ranking import PairRMScorer
-    from selm.tiny import fixture_rows
+    from selm.standins.tiny import fixture_rows
 
     rows = fixture_rows(6)
     prompts = [r["chosen"][:-1] for r in rows]
@@ -174,7 +174,7 @@ def test_implicit_rewards_match_an_independent_forward_computation(smoke_recipe,
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from selm.evaluation import implicit_rewards
-    from selm.tiny import fixture_splits
+    from selm.standins.tiny import fixture_splits
 
     path = smoke_recipe(eval_max_samples=6, beta=0.3, max_length=256, max_prompt_length=None)
     save_model(tmp_path / "run" / "iter-1" / "model", seed=5)  # the iteration's model; its reference: the base

@@ -179,6 +179,7 @@ def test_make_n_prints_the_preflight_first_and_rehearsal_skips_it(tmp_path):
 
 
 # ---------------------------------------------------------------- the cause of a failed launch ends the output
+@pytest.mark.slow  # over 10 s here: make test-fast leaves it out
 def test_a_stage_failing_under_accelerate_launch_ends_the_output_with_its_error(tmp_path):
     launch = f"{VENV}/bin/accelerate launch --config_file recipes/accelerate_configs/cpu_zero3.yaml --num_processes 2"
     code, out = run_make("run", "RECIPE=recipes/zephyr-7b-sft/selm.yaml", "OVERLAY=recipes/rehearsal.yaml",

@@ -13,7 +13,7 @@ import pytest
 from selm.errors import SELMError
 from selm.io import atomic_path, read_parquet, write_parquet, write_text
 
-from selm.tiny import fixture_rows
+from selm.standins.tiny import fixture_rows
 
 from conftest import script_main
 

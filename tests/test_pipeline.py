@@ -177,9 +177,12 @@ def launched(run: Path, stage: str, iteration: int) -> bool:
 
 
 @pytest.mark.slow
-def test_a_run_killed_in_every_stage_resumes_without_redoing_finished_stages(finished_smoke, tmp_path):
+def test_a_run_killed_in_every_stage_resumes_without_redoing_finished_stages(finished_smoke, tmp_path, monkeypatch):
     """SIGKILL of the whole process group during iteration 2's generation, then (rerun) its ranking, then its
-    training, then its evaluation; each rerun resumes where the last one stopped, and the last one completes."""
+    training, then its evaluation; each rerun resumes where the last one stopped, and the last one completes.
+
+    Each stage is stopped at a fixed point before the kill (tests/stage_pause): after some of its shards or
+    checkpoints and before its output, so a busy machine cannot let it run past the point the kill is meant for."""
     recipe, done, _ = finished_smoke
     # Base and iteration 1 as the uninterrupted run left them (mtimes kept), run dir paths rewritten to this copy.
     run = tmp_path / "run"
@@ -193,14 +196,17 @@ def test_a_run_killed_in_every_stage_resumes_without_redoing_finished_stages(fin
 
     args = ["run", f"RECIPE={new_recipe}", f"RUN_DIR={run}"]
     it2 = run / "iter-2"
-    kills = [  # (stage, it is running, its output, what the next run says when it resumes it)
-        ("generation", lambda: any((it2 / "generated.shards").glob("shard-*.parquet")), it2 / "generated.parquet",
+    kills = [  # (stage, where it stops: the directory it is about to create, its output, what the next run says)
+        # the temporary of its second shard (of 7: 50 prompts in shards of 8), the first one written
+        ("generation", it2 / "generated.shards" / ".shard-00001.parquet.tmp-*", it2 / "generated.parquet",
          "generate: resuming, "),
-        ("ranking", lambda: launched(run, "rank", 2), it2 / "ranked.parquet", None),
-        ("training", lambda: any((it2 / "checkpoints").glob("checkpoint-*/trainer_state.json")), it2 / "model",
-         "resuming iteration 2 from"),
-        ("evaluation", lambda: any((it2 / "eval" / "answers.shards").glob("shard-*.parquet")),
-         it2 / "eval" / "metrics.json", "generate: resuming, "),
+        # the temporary of its first output (ranking_dropped, ranked or rank_report)
+        ("ranking", it2 / ".rank*.tmp-*", it2 / "ranked.parquet", None),
+        # its second checkpoint, after step 1's checkpoint is complete
+        ("training", it2 / "checkpoints" / "checkpoint-2", it2 / "model", "resuming iteration 2 from"),
+        # the temporary of its second shard of answers (of 5: 40 prompts)
+        ("evaluation", it2 / "eval" / "answers.shards" / ".shard-00001.parquet.tmp-*", it2 / "eval" / "metrics.json",
+         "generate: resuming, "),
     ]
     refusal = []
 
@@ -208,16 +214,21 @@ def test_a_run_killed_in_every_stage_resumes_without_redoing_finished_stages(fin
         second = subprocess.run(make_command(*args), capture_output=True, text=True)
         refusal.append((second.returncode, second.stderr))
 
+    hook = str(REPO / "tests" / "stage_pause")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([hook, *filter(None, [os.environ.get("PYTHONPATH")])]))
     previous_note = None
-    for i, (stage, marker, output, note) in enumerate(kills):
-        log = tmp_path / f"{stage}.log"
-        assert run_until(args, marker, log, before_kill=second_run if i == 0 else None), \
+    for i, (stage, pause_at, output, note) in enumerate(kills):
+        log, paused = tmp_path / f"{stage}.log", tmp_path / f"{stage}.paused"
+        monkeypatch.setenv("SELM_TEST_PAUSE_AT", str(pause_at))
+        monkeypatch.setenv("SELM_TEST_PAUSED", str(paused))
+        assert run_until(args, paused.exists, log, before_kill=second_run if i == 0 else None), \
             f"the run finished before its {stage} in iteration 2 could be interrupted:\n{log.read_text()[-2000:]}"
         assert not output.exists() and not [p for p in run.rglob("*") if ".tmp-" in p.name]
         if previous_note:
             assert previous_note in log.read_text(), f"{stage} run did not resume the last stage"
         assert artifacts(run, "iter-1/") | artifacts(run, "base/") == finished
         previous_note = note
+    monkeypatch.delenv("SELM_TEST_PAUSE_AT")
     code, err = refusal[0]
     assert code != 0 and f"{run.resolve() / '.selm.lock'} is held by pid" in err and "make" in err, err
     assert (run / ".selm.lock").exists()  # left behind by the killed runs: it did not block their reruns

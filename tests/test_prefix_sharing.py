@@ -19,7 +19,7 @@ def dataset():
     import datasets
 
     from selm.data import to_trainer_format
-    from selm.tiny import fixture_rows
+    from selm.standins.tiny import fixture_rows
 
     rows = []
     for i, row in enumerate(fixture_rows(12)):
@@ -207,6 +207,7 @@ print(f"rank {trainer.accelerator.process_index} trained, packed {packed}", flus
 '''
 
 
+@pytest.mark.slow  # over 10 s here: make test-fast leaves it out
 @pytest.mark.parametrize("rows", ["dpo", "selm"])
 def test_ranks_that_disagree_on_packing_train_together(rows, tmp_path, tiny_model_dir):
     """prefix_sharing: auto decides per batch and per rank: at some step one rank packs and the other does not, and

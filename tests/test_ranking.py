@@ -4,8 +4,6 @@ ties, row accounting, output schemas and scripts/rank.py end to end."""
 import json
 import math
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -24,9 +22,9 @@ from selm.ranking import (
     rank_rows,
     select_pair,
 )
-from selm.tiny import fixture_rows
+from selm.standins.tiny import fixture_rows
 
-from conftest import REPO, script_main
+from conftest import script_main
 
 
 @pytest.fixture(scope="session")
@@ -214,6 +212,8 @@ def test_reward_model_batched_scores_match_one_by_one(tiny_rm_dir):
     assert short.truncated > 0
 
 
+# slow: two worker processes, each loading torch and the model (23 s here, on shared cores)
+@pytest.mark.slow
 def test_sharded_scorer_matches_one_process(tiny_rm_dir):
     """The multi-GPU path (one process per shard, merged in order), run here with 2 CPU processes."""
     from selm.recipe.schema import RankingArguments
@@ -249,16 +249,16 @@ def test_reward_model_without_chat_template_is_refused(tiny_rm_dir, tmp_path):
 
 def test_oracle_scorer_and_function_spec_errors():
     rows = fixture_rows(8)
-    scorer = OracleScorer("selm.tiny:fixture_reward")
+    scorer = OracleScorer("selm.standins.tiny:fixture_reward")
     scores = scorer([r["chosen"][:-1] for r in rows], [[r["chosen"][-1]["content"], r["rejected"][-1]["content"], ""]
                                                       for r in rows])
     assert scores == [[1.0, 0.0, 0.0]] * 8
     with pytest.raises(SELMError, match="expected 'module:function'"):
-        load_function("selm.tiny.fixture_reward")
+        load_function("selm.standins.tiny.fixture_reward")
     with pytest.raises(SELMError, match="module 'selm.nope' not found"):
         load_function("selm.nope:f")
     with pytest.raises(SELMError, match="no function 'nope'"):
-        load_function("selm.tiny:nope")
+        load_function("selm.standins.tiny:nope")
 
 
 def test_oracle_must_return_a_number(tmp_path, monkeypatch):
@@ -377,7 +377,7 @@ def run_rank(recipe, *args):
 
 
 def test_rank_script_oracle_end_to_end(smoke_recipe, capsys):
-    recipe = smoke_recipe()  # ranker: oracle (selm.tiny:fixture_reward), update_rule best_worst, on_tie keep
+    recipe = smoke_recipe()  # ranker: oracle (selm.standins.tiny:fixture_reward), update_rule best_worst, on_tie keep
     generated, rows = write_generated(recipe)
     iter_dir = generated.parent
     assert run_rank(recipe) == 0
@@ -460,12 +460,3 @@ def test_rank_script_errors_leave_nothing_behind(smoke_recipe, tmp_path, monkeyp
     with pytest.raises(RuntimeError, match="oracle broke"):
         run_rank(recipe, "--oracle_reward", "flaky_oracle:reward")
     assert sorted(p.name for p in generated.parent.iterdir()) == ["generated.parquet"]
-
-
-def test_rank_script_dry_run_loads_no_model(smoke_recipe):
-    recipe = smoke_recipe()
-    result = subprocess.run([sys.executable, str(REPO / "scripts" / "rank.py"), str(recipe), "--iteration", "2",
-                             "--dry_run", "--ranker", "pairrm", "--ranker_model_name_or_path", "/nowhere"],
-                            capture_output=True, text=True, cwd=REPO, timeout=120)
-    assert result.returncode == 0, result.stderr
-    assert "stage: rank" in result.stdout and "ranker: pairrm" in result.stdout and "/nowhere" in result.stdout

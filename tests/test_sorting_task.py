@@ -6,7 +6,7 @@ from fractions import Fraction
 import pytest
 
 from selm.errors import SELMError
-from selm.sorting_task import read_split, reward, task_splits, tokenizer_corpus, write_preference_data
+from selm.standins.sorting_task import read_split, reward, task_splits, tokenizer_corpus, write_preference_data
 
 PROMPT = [{"role": "user", "content": "Sort in ascending order: 42 7 93 15 7 60"}]  # sorted: 7 7 15 42 60 93
 
@@ -83,7 +83,7 @@ def test_written_splits_load_with_the_pipeline_schema_check(tmp_path):
 
 
 def test_tokenizer_has_one_token_per_number_and_trl_trains_the_template_text():
-    from selm.tiny import train_tokenizer
+    from selm.standins.tiny import train_tokenizer
 
     tok = train_tokenizer(tokenizer_corpus(), 600)
     for n in range(100):
@@ -100,7 +100,7 @@ def test_trl_sft_trains_the_completion_dpo_scores(tmp_path):
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
-    from selm.tiny import build_model, train_tokenizer
+    from selm.standins.tiny import build_model, train_tokenizer
 
     tok = train_tokenizer(tokenizer_corpus(), 600)
     row = task_splits(2, 0, 0, 1)["sft"][0]
@@ -118,7 +118,7 @@ def test_trl_sft_trains_the_completion_dpo_scores(tmp_path):
 @pytest.fixture(scope="module")
 def tiny_build(tmp_path_factory):
     """Two builds of one tiny configuration (the SFT stop never triggers: all 6 steps run, with 2 checks)."""
-    from selm.demo_task import DemoTaskSettings, build_demo_task
+    from selm.standins.demo_task import DemoTaskSettings, build_demo_task
 
     settings = DemoTaskSettings(seed=3, train_rows=24, test_rows=12, hidden_size=64, num_heads=1, num_layers=1,
                                 intermediate_size=64, sft_max_steps=6, sft_batch_size=4, sft_target_reward=0.99,
@@ -146,7 +146,7 @@ def test_base_build_is_deterministic_and_an_ordinary_model_directory(tiny_build)
     model = AutoModelForCausalLM.from_pretrained(root / "base0")
     assert tok.chat_template and model.config.vocab_size == len(tok)
     assert GenerationConfig.from_pretrained(root / "base0").eos_token_id == [tok.eos_token_id]
-    from selm.tiny import build_model
+    from selm.standins.tiny import build_model
 
     untrained = build_model(tok, hidden_size=64, num_layers=1, num_heads=1, intermediate_size=64,
                             max_position_embeddings=128, seed=3).state_dict()
@@ -156,7 +156,7 @@ def test_base_build_is_deterministic_and_an_ordinary_model_directory(tiny_build)
 def test_build_is_skipped_when_settings_match_and_redone_when_they_change(tiny_build):
     import dataclasses
 
-    from selm.demo_task import build_demo_task, is_built
+    from selm.standins.demo_task import build_demo_task, is_built
 
     settings, root, _ = tiny_build
     again = build_demo_task(settings, root / "data0", root / "base0", log=lambda m: None)
@@ -169,7 +169,7 @@ def test_build_is_skipped_when_settings_match_and_redone_when_they_change(tiny_b
 
 
 def test_sft_stops_at_the_first_check_that_reaches_the_target(tmp_path, monkeypatch):
-    from selm import demo_task
+    from selm.standins import demo_task
 
     scores = iter([[0.2], [0.7], [0.9]])
     monkeypatch.setattr(demo_task, "greedy_rewards", lambda path, prompts: next(scores))

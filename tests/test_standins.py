@@ -98,6 +98,7 @@ def test_llama3_flavours_template_and_model_files(paper_standin, name, eos, gene
     assert config.bos_token_id == 128000
 
 
+@pytest.mark.slow  # over 10 s here: make test-fast leaves it out
 def test_build_script_writes_the_named_standins(tmp_path):
     import subprocess
     import sys

@@ -4,7 +4,7 @@ import json
 
 import torch
 
-from selm.tiny import fixture_reward, fixture_rows
+from selm.standins.tiny import fixture_reward, fixture_rows
 
 
 def test_tiny_model_reloads_with_auto_classes(tiny_model_dir):
@@ -27,7 +27,7 @@ def test_tiny_model_reloads_with_auto_classes(tiny_model_dir):
 def test_tiny_build_is_deterministic(tmp_path, tiny_model_dir):
     from safetensors.torch import load_file
 
-    from selm.tiny import save_tiny_model
+    from selm.standins.tiny import save_tiny_model
     save_tiny_model(tmp_path / "again")
     a, b = load_file(tiny_model_dir / "model.safetensors"), load_file(tmp_path / "again" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -44,3 +44,34 @@ def test_fixture_is_deterministic_multi_turn_and_oracle_scorable(fixture_file):
         assert fixture_reward(prompt, r["chosen"][-1]["content"]) == 1.0
         assert fixture_reward(prompt, r["rejected"][-1]["content"]) == 0.0
         assert fixture_reward(prompt, "   ") == 0.0
+
+
+def _standin_references(path):
+    """Where a module imports selm.standins or names it in a string that is not a docstring (e.g. a default oracle)."""
+    import ast
+
+    tree = ast.parse(path.read_text(), str(path))
+    docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                  if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+                  and node.body and isinstance(node.body[0], ast.Expr)}
+    for node in ast.walk(tree):
+        names = []
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            names = [f"{node.module}.{a.name}" for a in node.names]
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
+            names = [node.value]
+        if any(n.startswith("selm.standins") for n in names):
+            yield f"{path}:{node.lineno}"
+
+
+def test_no_library_module_reaches_the_standins():
+    from pathlib import Path
+
+    import selm
+
+    package = Path(selm.__file__).parent
+    library = [p for p in package.rglob("*.py") if "standins" not in p.relative_to(package).parts]
+    assert len(library) > 20  # the scan saw the library
+    assert [ref for p in library for ref in _standin_references(p)] == []

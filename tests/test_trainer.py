@@ -15,7 +15,7 @@ ROWS = 8
 def rows():
     """Fixture rows (a system message in row 3, multi-turn in row 4) with a generated reference response."""
     from selm.data import to_trainer_format
-    from selm.tiny import fixture_rows
+    from selm.standins.tiny import fixture_rows
 
     raw = fixture_rows(ROWS)
     for i, row in enumerate(raw):
@@ -252,7 +252,7 @@ import os, sys, torch, datasets
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 from selm.data import to_trainer_format
 from selm.errors import SELMError
-from selm.tiny import fixture_rows
+from selm.standins.tiny import fixture_rows
 from selm.trainer import SELMTrainer
 from selm.trainer_config import SELMConfig
 

@@ -21,7 +21,7 @@ NOT_RESULTS = {"train_runtime", "train_samples_per_second", "train_steps_per_sec
 
 def conversational(n=BATCH * STEPS, offset=0):
     from selm.data import to_trainer_format
-    from selm.tiny import fixture_rows
+    from selm.standins.tiny import fixture_rows
 
     rows = fixture_rows(n + offset)[offset:]
     return [{k: v for k, v in to_trainer_format(r).items() if k in ("prompt", "chosen", "rejected")} for r in rows]
@@ -156,7 +156,7 @@ def vlm_dir(tmp_path_factory):
     from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
                               LlavaForConditionalGeneration, LlavaProcessor)
 
-    from selm.tiny import build_tokenizer
+    from selm.standins.tiny import build_tokenizer
 
     tokenizer = build_tokenizer()
     tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})

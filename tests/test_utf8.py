@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from conftest import REPO
 
 QUESTION = "Was kostet ein Brötchen in Zürich? 日本語で答えて — «merci»"
@@ -43,6 +45,7 @@ def test_every_text_open_in_the_project_names_utf8():
     assert not found, "text I/O in the locale's encoding:\n" + "\n".join(found)
 
 
+@pytest.mark.slow  # over 10 s here: make test-fast leaves it out
 def test_export_reads_and_writes_utf8_under_an_ascii_locale(smoke_recipe, varied_model_dir, tmp_path):
     """Recipe (with a non-ASCII comment), question file and answer file under LC_ALL=C: the bytes are UTF-8."""
     recipe = smoke_recipe(model_name_or_path=str(varied_model_dir), max_new_tokens=4)

@@ -1,9 +1,9 @@
 """The demo's preference data and base model for one seed, built once and cached (scripts/build_demo_task.py).
 
 The base model is a small Llama trained with trl's `SFTTrainer` on right answers to fresh sorting prompts
-(`selm.sorting_task`), stopped early on purpose: its greedy answers are partly right, which leaves room to improve
-and gives the ranker rewards that differ. Both output directories hold a settings.json; a build whose settings match
-it is skipped before torch or trl is imported, and any change of setting rebuilds.
+(`selm.standins.sorting_task`), stopped early on purpose: its greedy answers are partly right, which leaves room to
+improve and gives the ranker rewards that differ. Both output directories hold a settings.json; a build whose settings
+match it is skipped before torch or trl is imported, and any change of setting rebuilds.
 """
 
 import dataclasses
@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from selm import sorting_task
+from selm.standins import sorting_task
 
 
 @dataclass
@@ -142,7 +142,7 @@ def train_base_model(settings: DemoTaskSettings, sft_rows: list[dict], validatio
     from trl import SFTConfig, SFTTrainer
 
     from selm.io import atomic_path
-    from selm.tiny import build_model, train_tokenizer
+    from selm.standins.tiny import build_model, train_tokenizer
 
     datasets.disable_progress_bars()
     tokenizer = train_tokenizer(sorting_task.tokenizer_corpus(), settings.vocab_size)

@@ -14,7 +14,7 @@ microsoft/deberta-v3-large:
 import json
 
 from selm.io import atomic_path
-from selm.tiny import _corpus, build_tokenizer, fixture_rows
+from selm.standins.tiny import _corpus, build_tokenizer, fixture_rows
 
 DEBERTA_SPECIALS = ["[PAD]", "[CLS]", "[SEP]", "[UNK]", "[MASK]"]  # ids 0-3 as in deberta-v3
 

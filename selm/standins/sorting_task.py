@@ -10,7 +10,7 @@ else, the empty answer included, is malformed and scores 0); it scores
 
 so a perfect answer scores 1 and every misplaced, missing, extra or wrong number costs about one element: answers
 are graded by how many numbers are out of place. (Matching position by position would score an answer that only
-drops its first number 0.) Pipeline key: `oracle_reward: selm.sorting_task:reward`.
+drops its first number 0.) Pipeline key: `oracle_reward: selm.standins.sorting_task:reward`.
 
 Preference data (UltraFeedback schema, `task_splits`): `train_prefs` pairs two corrupted copies of the right answer
 (chosen 0-2 corruptions, rejected 2-4) ordered by a noisy annotator, so the chosen answer is usually, not always,
@@ -45,7 +45,7 @@ def numbers_in_prompt(prompt_messages: list[dict]) -> list[int]:
     content = prompt_messages[-1]["content"] if prompt_messages else ""
     match = re.fullmatch(re.escape(PROMPT_PREFIX) + r" (\d+(?: \d+)*)", content)
     if not match:
-        raise SELMError(f"selm.sorting_task: not a sorting prompt: {content!r}")
+        raise SELMError(f"selm.standins.sorting_task: not a sorting prompt: {content!r}")
     return [int(n) for n in match[1].split()]
 
 
