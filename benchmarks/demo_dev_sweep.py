@@ -135,7 +135,7 @@ def run_method(seed, recipe: dict, run_dir: Path, test_prompts, log) -> dict:
     import yaml
 
     from selm.configs import parse_recipe
-    from selm.generation import generate_stage
+    from selm.generation_stage import generate_stage
     from selm.ranking import run_ranking_stage
 
     train_main = _load_train_main()

@@ -9,6 +9,7 @@ import json
 import math
 from pathlib import Path
 
+from selm import layout
 from selm.errors import SELMError
 from selm.io import write_text
 
@@ -49,10 +50,10 @@ def _paired_difference(a_dir: str, b_dir: str) -> dict:
     (prompt_ids may repeat); _load_runs checked that both answered the same rows, and each pair is checked here."""
     from selm.io import read_parquet
 
-    a, b = (read_parquet(Path(d) / "answers.parquet", columns=["prompt_id", "reward"]).to_pydict()
+    a, b = (read_parquet(Path(d) / layout.EVAL_ANSWERS, columns=["prompt_id", "reward"]).to_pydict()
             for d in (a_dir, b_dir))
     if a["prompt_id"] != b["prompt_id"]:
-        raise SELMError(f"{a_dir} and {b_dir}: answers.parquet holds other held-out rows (or another order); "
+        raise SELMError(f"{a_dir} and {b_dir}: {layout.EVAL_ANSWERS} holds other held-out rows (or another order); "
                         "they cannot be paired")
     diffs = [x - y for x, y in zip(a["reward"], b["reward"])]
     mean = sum(diffs) / len(diffs)
@@ -67,12 +68,12 @@ def implicit_reward_differences(run_a: Path, run_b: Path, iteration: str) -> dic
 
     tables = []
     for run in (run_a, run_b):
-        recipe, _ = parse_recipe([str(run / "recipe.yaml"), "--iteration", iteration], stage="evaluate")
+        recipe, _ = parse_recipe([str(layout.RunLayout(run).frozen_recipe), "--iteration", iteration], stage="evaluate")
         tables.append(implicit_rewards(recipe).to_pydict())
     for run, table in zip((run_a, run_b), tables):
         if "row" not in table:  # written before rows were keyed by position; prompt_ids alone may repeat
-            raise SELMError(f"{run}: iter-{iteration}/eval/implicit_rewards.parquet has no 'row' column; delete it "
-                            "and compare again (it is recomputed)")
+            path = layout.RunLayout(run).implicit_rewards(int(iteration)).relative_to(run)
+            raise SELMError(f"{run}: {path} has no 'row' column; delete it and compare again (it is recomputed)")
     # A row is its position in the held-out split (and its prompt_id, which must then agree): ids may repeat.
     b_index = {(row, pid): j for j, (row, pid) in enumerate(zip(tables[1]["row"], tables[1]["prompt_id"]))}
     pairs = [(i, b_index[key]) for i, key in enumerate(zip(tables[0]["row"], tables[0]["prompt_id"]))

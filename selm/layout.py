@@ -34,7 +34,11 @@ TRAIN_LOG = "train_log.json"
 EVAL = "eval"
 EVAL_ANSWERS = "answers.parquet"
 EVAL_METRICS = "metrics.json"
+EVAL_ANSWER_SHARDS = "answers.shards"
 IMPLICIT_REWARDS = "implicit_rewards.parquet"
+# Inside a shard directory (generated.shards/, eval/answers.shards/): the settings that made it, and the shards.
+SHARD_SETTINGS = "settings.json"
+SHARD_FILE = "shard-{:05d}.parquet"
 # Files of the run directory.
 FROZEN_RECIPE = "recipe.yaml"
 RUN_INFO = "run_info.json"

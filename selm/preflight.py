@@ -73,7 +73,7 @@ USAGE = ("python scripts/preflight.py RECIPE.yaml [--overlay PATH] --output_dir 
 def preflight(argv: list[str]) -> str:
     """Recipe, base model, then the GPU environment; raises SELMError with the first thing wrong, else a summary."""
     from selm.configs import _split_cli, check_every_iteration, merge_recipe_sources
-    from selm.generation import check_model_path
+    from selm.artifacts import check_model_path
 
     num_gpus, rest = None, argv[:1]
     for key, value in _split_cli(argv[1:]):

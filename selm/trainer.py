@@ -23,17 +23,14 @@ A non-finite loss or gradient stops training before the optimizer step applies i
 
 import contextlib
 import math
-import os
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from accelerate.utils import is_peft_model
 from datasets import Dataset, IterableDataset
 from torch.utils.data import DataLoader
 from transformers import AutoConfig, AutoProcessor, ProcessorMixin
-from transformers.trainer_utils import get_last_checkpoint
 from trl import DPOTrainer
 from trl.data_utils import _tokenize, common_prefix_length, is_conversational
 from trl.models import prepare_deepspeed
@@ -42,11 +39,12 @@ from trl.trainer.dpo_trainer import DataCollatorForPreference
 from trl.trainer.utils import get_config_model_id, pad, use_adapter
 
 from selm import prefix_sharing
+from selm.artifacts import REFERENCE
 from selm.chat import ConversationTokens
 from selm.errors import SELMError, SELMValueError
+from selm.loss import selm_loss
 from selm.trainer_config import SELMConfig
 
-REFERENCE = "reference_response"
 GROUPS = ("chosen", "rejected", "reference")
 # Batch keys that are not model inputs.
 NON_MODEL_KEYS = {"completion_mask", "sequence_group", "segment_ids", "ref_chosen_logps", "ref_rejected_logps",
@@ -187,8 +185,6 @@ class SELMTrainer(DPOTrainer):
         self.alpha = float(getattr(args, "alpha", 0.0))
         # Anything else (None, a list) is left to DPOTrainer, which raises its own ValueError / TypeError for it.
         known = isinstance(train_dataset, (Dataset, IterableDataset))
-        if known:
-            require_reference(train_dataset, "train", self.alpha)
         columns = _column_names(train_dataset) if known else []
         if _is_streaming(eval_dataset):
             # DPOTrainer does this for a streaming train dataset only. Accelerate's dispatcher slices every batch
@@ -456,8 +452,9 @@ class SELMTrainer(DPOTrainer):
         step = self.state.global_step + 1
         if not self.model.training:
             return SELMError(f"evaluation stopped: {what} (after training step {self.state.global_step})")
-        last = get_last_checkpoint(self.args.output_dir) if self.args.output_dir and os.path.isdir(
-            self.args.output_dir) else None
+        from selm.training import last_complete_checkpoint  # the resume's rule: a half-written one is not "good"
+
+        last = last_complete_checkpoint(self.args.output_dir) if self.args.output_dir else None
         return SELMError(
             f"training stopped at step {step} (epoch {self.state.epoch or 0:.2f}): {what}; the step was not applied, "
             f"the weights are those after step {step - 1}; output_dir {self.args.output_dir}, last good checkpoint "
@@ -483,10 +480,8 @@ class SELMTrainer(DPOTrainer):
                 ref, _ = self._sequence_logps(ref_model, inputs, reference=True)
             ref = ref.view(len(groups), -1)
         logps, ref = logps.view(len(groups), -1), ref.detach()
-        logratios = logps - ref  # (groups, batch)
-        dpo_losses = -F.logsigmoid(self.beta * (logratios[0] - logratios[1]))
-        optimism = self.alpha * self.beta * logratios[2] if len(groups) == len(GROUPS) else None
-        loss = (dpo_losses if optimism is None else dpo_losses + optimism).mean()
+        loss, terms = selm_loss(logps, ref, self.beta, self.alpha)
+        logratios, dpo_losses, optimism = terms["logratios"], terms["dpo_losses"], terms["optimism"]
         if self.aux_loss_enabled:
             loss = loss + self.router_aux_loss_coef * outputs.aux_loss
             self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(outputs.aux_loss).mean().item())
