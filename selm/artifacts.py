@@ -8,13 +8,17 @@ bad value is one line naming the file, row and column (selm.errors.SELMError). P
     read_ranked(path, alpha)       the rewritten pairs; `reference_response` a string when alpha > 0 needs it
     start_model(recipe)            the model an iteration starts from (iter-(K-1)/model or the base model)
     trained_model(recipe)          the model an iteration produced (or the base model for --iteration base)
+    read_metrics(eval_dir)         <iter or base>/eval/metrics.json, None before that evaluation ran
+    read_answers(eval_dir, cols)   <iter or base>/eval/answers.parquet's columns; read_rewards its rewards
 
 `SELMTrainer` keeps its own checks of `reference_response`: it is public API (trl-compatible) and is given users'
 datasets that never pass through these readers.
 """
 
+import json
 from pathlib import Path
 
+from selm import layout
 from selm.errors import SELMError
 
 REFERENCE = "reference_response"  # y_ref, the start model's answer (the first of `responses`)
@@ -71,6 +75,24 @@ def read_ranked(path, alpha: float):
                                                 "and rank stages, or set alpha: 0 for DPO")
         return dataset
     return dataset.remove_columns([c for c in dataset.column_names if c == REFERENCE])
+
+
+# ---- evaluations: <iter or base>/eval/ ----
+def read_metrics(directory) -> dict | None:
+    """metrics.json of an eval directory, or None when that evaluation has not run (written last: whole or absent)."""
+    path = Path(directory) / layout.EVAL_METRICS
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def read_answers(directory, columns: list[str]) -> dict:
+    """{column: values} of an eval directory's answers.parquet (a missing or damaged file: one line naming it)."""
+    from selm.io import read_parquet
+
+    return read_parquet(Path(directory) / layout.EVAL_ANSWERS, columns=columns).to_pydict()
+
+
+def read_rewards(directory) -> list[float]:
+    return read_answers(directory, ["reward"])["reward"]
 
 
 # ---- models: iter-K/model directories and the base model ----

@@ -1,6 +1,8 @@
 """The command-line conventions every script follows (one style for all of scripts/).
 
 - `main_guard` wraps each script's `main`: bad input becomes one line, `error: ...`, and exit code 2.
+- `run_stage` is the whole main of the four stage scripts (generate, rank, train, evaluate): parse the recipe, dry
+  run or run the stage function under the stage lock and the run_info record, exit code.
 - `script_parser` is the argparse parser of a script's own options: its help is the script's docstring, and a bad
   argument is one such line too, not argparse's usage wall.
 - A script that takes a recipe gives what its own parser does not know (`--iteration`, `--dry_run`, recipe keys)

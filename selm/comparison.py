@@ -48,10 +48,9 @@ def _load_runs(run_dirs: list[Path]) -> dict:
 def _paired_difference(a_dir: str, b_dir: str) -> dict:
     """Mean per-row reward difference A − B, with its standard error. Rows pair by position in the held-out split
     (prompt_ids may repeat); _load_runs checked that both answered the same rows, and each pair is checked here."""
-    from selm.io import read_parquet
+    from selm.artifacts import read_answers
 
-    a, b = (read_parquet(Path(d) / layout.EVAL_ANSWERS, columns=["prompt_id", "reward"]).to_pydict()
-            for d in (a_dir, b_dir))
+    a, b = (read_answers(d, ["prompt_id", "reward"]) for d in (a_dir, b_dir))
     if a["prompt_id"] != b["prompt_id"]:
         raise SELMError(f"{a_dir} and {b_dir}: {layout.EVAL_ANSWERS} holds other held-out rows (or another order); "
                         "they cannot be paired")

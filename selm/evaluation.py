@@ -122,8 +122,11 @@ def evaluate_stage(recipe, launch=None, *, engine_kwargs: dict | None = None, pr
     `launch` (the run_info record) has nothing to learn from evaluation.
     """
     path = eval_dir(recipe) / layout.EVAL_METRICS
-    done = path.exists()
-    metrics = json.loads(path.read_text(encoding="utf-8")) if done else _evaluate(recipe, engine_kwargs, progress)
+    from selm.artifacts import read_metrics
+
+    metrics = read_metrics(path.parent)
+    done = metrics is not None
+    metrics = metrics if done else _evaluate(recipe, engine_kwargs, progress)
     summary = {k: metrics[k] for k in ("iteration", "model", "metric", "mean", "sem", "win_rate", "num_prompts")}
     print(f"evaluate: {'already done' if done else 'wrote'} {path}\n{json.dumps(summary)}")
     return metrics
@@ -207,21 +210,6 @@ def _evaluate(recipe, engine_kwargs, progress) -> dict:
     write_text(out / layout.EVAL_METRICS, json.dumps(metrics, indent=2) + "\n")
     shutil.rmtree(shard_dir, ignore_errors=True)
     return metrics
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Reading evaluations back (summary, comparison, sweeps)
-# ---------------------------------------------------------------------------------------------------------------
-def read_metrics(directory: Path) -> dict | None:
-    """metrics.json of an eval directory, or None when that evaluation has not run."""
-    path = Path(directory) / layout.EVAL_METRICS
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
-
-
-def read_rewards(directory: Path) -> list[float]:
-    from selm.io import read_parquet
-
-    return read_parquet(Path(directory) / layout.EVAL_ANSWERS, columns=["reward"]).column("reward").to_pylist()
 
 
 # ---------------------------------------------------------------------------------------------------------------

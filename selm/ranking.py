@@ -29,6 +29,7 @@ any other (they are counted in the report, not removed).
 import math
 
 from selm import layout
+from selm.artifacts import REFERENCE, RESPONSES
 from selm.errors import SELMError
 
 UPDATE_RULES = ("best_worst", "replace", "original")
@@ -60,9 +61,9 @@ def select_pair(scores, num_generated: int, update_rule: str) -> tuple[int, int]
 
 
 def candidates_of(row) -> list[str]:
-    responses = row.get("responses")
+    responses = row.get(RESPONSES)
     if responses is None:  # a generation with one response per prompt may store only reference_response
-        responses = [row["reference_response"]]
+        responses = [row[REFERENCE]]
     return list(responses) + [row["chosen"][-1]["content"], row["rejected"][-1]["content"]]
 
 
@@ -97,7 +98,7 @@ def rank_rows(rows: list[dict], scorer, update_rule: str = "best_worst", on_tie:
             "prompt_id": row["prompt_id"],
             "chosen": prompt + [{"role": "assistant", "content": cands[chosen_index]}],
             "rejected": prompt + [{"role": "assistant", "content": cands[rejected_index]}],
-            "reference_response": row["reference_response"],
+            REFERENCE: row[REFERENCE],
             "candidates": cands,
             "scores": row_scores,
             "chosen_index": chosen_index,
@@ -163,7 +164,7 @@ def output_schema(with_reason: bool = False):
     messages = pa.list_(pa.struct([("content", pa.string()), ("role", pa.string())]))
     fields = [
         ("prompt", pa.string()), ("prompt_id", pa.string()), ("chosen", messages), ("rejected", messages),
-        ("reference_response", pa.string()), ("candidates", pa.list_(pa.string())),
+        (REFERENCE, pa.string()), ("candidates", pa.list_(pa.string())),
         ("scores", pa.list_(pa.float64())), ("chosen_index", pa.int64()), ("rejected_index", pa.int64()),
     ]
     return pa.schema(fields + ([("reason", pa.string())] if with_reason else []))

@@ -19,6 +19,12 @@ gives the rest of the trainer the same per-completion log-probs, in the same ord
 sharing on, DPO pairs (α = 0, no reference column) take the SELM loss path too, packed or not (one metric path for
 all ranks), whose α = 0 loss is DPO's sigmoid loss.
 A non-finite loss or gradient stops training before the optimizer step applies it (`compute_loss`, `_get_grad_norm`).
+
+The loss itself is selm/loss.py; the train stage around the trainer is selm/training.py. This file stays over 400
+lines because it is one DPOTrainer subclass and its collator: the seams above are methods of the class, each next to
+the trl code path it replaces, and the collator's row layout is what `_sequence_logps` reads. The trainer is public
+API, used with users' datasets (trl-compatible): it checks `reference_response` itself (`require_reference`, empty
+rows), although the pipeline's artifacts were checked when they were read (selm/artifacts.py).
 """
 
 import contextlib
@@ -76,7 +82,8 @@ def _is_streaming(datasets) -> bool:
 
 
 def require_reference(dataset, name: str, alpha: float) -> None:
-    """α > 0 is meaningless without y_ref: fail before any tokenization, naming the column."""
+    """α > 0 is meaningless without y_ref: fail before any tokenization, naming the column (train and eval
+    datasets alike: `_prepare_dataset` calls it for each)."""
     if alpha > 0 and REFERENCE not in _column_names(dataset):
         raise SELMError(
             f"{name} dataset: missing column '{REFERENCE}' (alpha={alpha} > 0 needs the generated response y_ref; "

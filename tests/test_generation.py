@@ -110,14 +110,6 @@ def test_script_hf_end_to_end_seeded_and_multi_turn(smoke_recipe, varied_model_d
     assert outputs[0].stat().st_mtime_ns == before
 
 
-def test_dry_run_loads_no_model(smoke_recipe, tmp_path, capsys):
-    recipe = smoke_recipe(model_name_or_path=str(tmp_path / "not-built-yet"))
-    assert run_script(recipe, "--iteration", 2, "--dry_run") == 0
-    out = capsys.readouterr().out
-    assert "stage: generate" in out and "iteration: 2" in out
-    assert not (tmp_path / "run").exists()
-
-
 def test_dry_run_shows_the_first_prompts_tokens(paper_standin, smoke_recipe, tmp_path, capsys):
     import ast
 
