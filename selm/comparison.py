@@ -112,23 +112,23 @@ def compare_runs(run_dirs, output_dir, iteration: str | None = None, implicit: b
     }
 
     plot_metric_per_iteration({n: list(r["evaluations"].values()) for n, r in runs.items()},
-                              output_dir / "metric_per_iteration.png", title="Held-out metric per iteration")
+                              output_dir / layout.COMPARISON_METRIC_PNG, title="Held-out metric per iteration")
     plot_reward_distributions({n: r["evaluations"][iteration]["dir"] for n, r in runs.items()},
-                              output_dir / "reward_distributions.png", xlabel=first["reward"],
+                              output_dir / layout.COMPARISON_REWARDS_PNG, xlabel=first["reward"],
                               title=f"Held-out reward distribution at iteration {iteration}")
-    figures = ["metric_per_iteration.png", "reward_distributions.png"]
-    if implicit and iteration != "base":
+    figures = [layout.COMPARISON_METRIC_PNG, layout.COMPARISON_REWARDS_PNG]
+    if implicit and iteration != layout.BASE:
         differences = {f"{names[0]} − {n}": implicit_reward_differences(runs[names[0]]["dir"], runs[n]["dir"], iteration)
                        for n in names[1:]}
-        plot_implicit_reward_differences(differences, output_dir / "implicit_rewards.png",
+        plot_implicit_reward_differences(differences, output_dir / layout.COMPARISON_IMPLICIT_PNG,
                                          title=f"Implicit reward differences on held-out pairs, iteration {iteration}")
         result["implicit_reward_difference"] = {
             label: {g: {"mean": sum(v) / len(v), "share_above_zero": sum(x > 0 for x in v) / len(v), "pairs": len(v)}
                     for g, v in d.items()} for label, d in differences.items()}
-        figures.append("implicit_rewards.png")
+        figures.append(layout.COMPARISON_IMPLICIT_PNG)
     result["figures"] = figures
-    write_text(output_dir / "comparison.json", json.dumps(result, indent=2) + "\n")
-    write_text(output_dir / "comparison.md", to_markdown(result))
+    write_text(output_dir / layout.COMPARISON_JSON, json.dumps(result, indent=2) + "\n")
+    write_text(output_dir / layout.COMPARISON_MD, to_markdown(result))
     return result
 
 
@@ -141,7 +141,7 @@ def _held_out_rows(prompts: dict) -> str:
 def to_markdown(result: dict) -> str:
     names = list(result["runs"])
     iterations = sorted({it for r in result["runs"].values() for it in r["held_out"]},
-                        key=lambda it: -1 if it == "base" else int(it))
+                        key=lambda it: -1 if it == layout.BASE else int(it))
     lines = [f"# Held-out comparison: {result['metric']}", "",
              f"{_held_out_rows(result['prompts'])} ({result['prompts']['dataset']}:{result['prompts']['split']}); "
              "each cell: mean ± standard error (win rate against the reference answer).", "",

@@ -45,6 +45,10 @@ RUN_INFO = "run_info.json"
 SUMMARY_JSON, SUMMARY_MD, SUMMARY_PNG = "summary.json", "summary.md", "summary.png"
 EVAL_METRIC_PNG, EVAL_REWARDS_PNG = "eval_metric.png", "eval_rewards.png"
 LOGS = "logs"
+# Files of a comparison's output directory (selm/comparison.py: several runs side by side).
+COMPARISON_JSON, COMPARISON_MD = "comparison.json", "comparison.md"
+COMPARISON_METRIC_PNG, COMPARISON_REWARDS_PNG = "metric_per_iteration.png", "reward_distributions.png"
+COMPARISON_IMPLICIT_PNG = "implicit_rewards.png"
 ITER_PREFIX = "iter-"
 BASE = "base"
 
