@@ -136,8 +136,8 @@ def run_method(seed, recipe: dict, run_dir: Path, test_prompts, log) -> dict:
     """Three pipeline iterations of one recipe; returns per-iteration held-out stats, rank reports and timings."""
     import yaml
 
+    from selm.generation_stage import generate_stage
     from selm.recipe.parse import parse_recipe
-    from selm.generation import generate_stage
     from selm.ranking import run_ranking_stage
 
     train_main = _load_train_main()

@@ -57,7 +57,7 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from selm.ranking import PairRMScorer, RewardModelScorer
+    from selm.scorers import PairRMScorer, RewardModelScorer
     from selm.standins.tiny_ranker import save_tiny_pairrm, save_tiny_reward_model
 
     prompts, candidates = workload(args.rows, args.responses)

@@ -7,29 +7,15 @@ the recipe's ranker (see selm/evaluation.py for the exact formulas). Writes eval
 eval/metrics.json; resumable, and a finished evaluation is not redone.
 """
 
-import json
 import sys
 
-from selm.cli import main_guard
-from selm.recipe.parse import parse_recipe
+from selm.cli import run_stage
 
 
-@main_guard
 def main(argv=None):
-    recipe, dry_run = parse_recipe(argv, stage="evaluate")
-    if dry_run:
-        print(recipe.to_yaml())
-        return 0
-    from selm.evaluation import eval_dir, evaluate_stage
-    from selm.lock import stage_lock
-    from selm.run_info import stage_record
+    from selm.evaluation import evaluate_stage
 
-    with stage_lock(recipe), stage_record(recipe):
-        done = (eval_dir(recipe) / "metrics.json").exists()
-        metrics = evaluate_stage(recipe)
-    summary = {k: metrics[k] for k in ("iteration", "model", "metric", "mean", "sem", "win_rate", "num_prompts")}
-    print(f"evaluate: {'already done' if done else 'wrote'} {eval_dir(recipe)}/metrics.json\n{json.dumps(summary)}")
-    return 0
+    return run_stage("evaluate", evaluate_stage, argv)
 
 
 if __name__ == "__main__":  # vLLM and the data-parallel workers spawn processes that re-import this file

@@ -6,23 +6,13 @@ iter-K/rank_report.json (see selm/ranking.py for the candidates, update rules an
 
 import sys
 
-from selm.cli import main_guard
-from selm.recipe.parse import parse_recipe
+from selm.cli import run_stage
 
 
-@main_guard
 def main(argv=None):
-    recipe, dry_run = parse_recipe(argv, stage="rank")
-    if dry_run:
-        print(recipe.to_yaml())
-        return 0
-    from selm.lock import stage_lock
     from selm.ranking import run_ranking_stage
-    from selm.run_info import stage_record
 
-    with stage_lock(recipe), stage_record(recipe):
-        run_ranking_stage(recipe)
-    return 0
+    return run_stage("rank", run_ranking_stage, argv)
 
 
 if __name__ == "__main__":

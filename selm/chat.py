@@ -102,7 +102,7 @@ def dry_run_preview(recipe, stage: str) -> str:
     from transformers import AutoTokenizer
 
     from selm.data import load_preference_data, prompt_messages, to_trainer_format
-    from selm.generation import check_model_path
+    from selm.artifacts import check_model_path
 
     p = recipe.pipeline
     reads_portion = stage == "generate" or recipe.is_generation_free

@@ -1,6 +1,8 @@
 """The command-line conventions every script follows (one style for all of scripts/).
 
 - `main_guard` wraps each script's `main`: bad input becomes one line, `error: ...`, and exit code 2.
+- `run_stage` is the whole main of the four stage scripts (generate, rank, train, evaluate): parse the recipe, dry
+  run or run the stage function under the stage lock and the run_info record, exit code.
 - `script_parser` is the argparse parser of a script's own options: its help is the script's docstring, and a bad
   argument is one such line too, not argparse's usage wall.
 - A script that takes a recipe gives what its own parser does not know (`--iteration`, `--dry_run`, recipe keys)
@@ -90,3 +92,33 @@ def split_cli(argv: list[str]) -> list[tuple[str, str | None]]:
             i += 1
         pairs.append((key, value))
     return pairs
+
+
+# The stages whose dry run also shows the first row's tokens (they tokenize conversations: selm.chat).
+TOKEN_PREVIEW_STAGES = ("generate", "train")
+
+
+def run_stage(name: str, stage_fn, argv=None) -> int:
+    """A stage script's whole main: parse the recipe, then either print it (`--dry_run`: no model is loaded, no
+    lock taken, nothing written) or run `stage_fn(recipe, launch)` under the run's stage lock and its run_info
+    record; exit code 0. Bad input is one `error:` line and exit code 2 (main_guard)."""
+    return main_guard(lambda args: _run_stage(name, stage_fn, args))(argv)
+
+
+def _run_stage(name, stage_fn, argv) -> int:
+    from selm.recipe.parse import parse_recipe
+
+    recipe, dry_run = parse_recipe(argv, stage=name)
+    if dry_run:
+        print(recipe.to_yaml())
+        if name in TOKEN_PREVIEW_STAGES:
+            from selm.chat import dry_run_preview
+
+            print(dry_run_preview(recipe, name))  # check BOS and end of turn
+        return 0
+    from selm.lock import stage_lock
+    from selm.run_info import stage_record
+
+    with stage_lock(recipe), stage_record(recipe) as launch:
+        stage_fn(recipe, launch)
+    return 0

@@ -9,6 +9,7 @@ import json
 import math
 from pathlib import Path
 
+from selm import layout
 from selm.errors import SELMError
 from selm.io import write_text
 
@@ -47,12 +48,11 @@ def _load_runs(run_dirs: list[Path]) -> dict:
 def _paired_difference(a_dir: str, b_dir: str) -> dict:
     """Mean per-row reward difference A − B, with its standard error. Rows pair by position in the held-out split
     (prompt_ids may repeat); _load_runs checked that both answered the same rows, and each pair is checked here."""
-    from selm.io import read_parquet
+    from selm.artifacts import read_answers
 
-    a, b = (read_parquet(Path(d) / "answers.parquet", columns=["prompt_id", "reward"]).to_pydict()
-            for d in (a_dir, b_dir))
+    a, b = (read_answers(d, ["prompt_id", "reward"]) for d in (a_dir, b_dir))
     if a["prompt_id"] != b["prompt_id"]:
-        raise SELMError(f"{a_dir} and {b_dir}: answers.parquet holds other held-out rows (or another order); "
+        raise SELMError(f"{a_dir} and {b_dir}: {layout.EVAL_ANSWERS} holds other held-out rows (or another order); "
                         "they cannot be paired")
     diffs = [x - y for x, y in zip(a["reward"], b["reward"])]
     mean = sum(diffs) / len(diffs)
@@ -67,12 +67,12 @@ def implicit_reward_differences(run_a: Path, run_b: Path, iteration: str) -> dic
 
     tables = []
     for run in (run_a, run_b):
-        recipe, _ = parse_recipe([str(run / "recipe.yaml"), "--iteration", iteration], stage="evaluate")
+        recipe, _ = parse_recipe([str(layout.RunLayout(run).frozen_recipe), "--iteration", iteration], stage="evaluate")
         tables.append(implicit_rewards(recipe).to_pydict())
     for run, table in zip((run_a, run_b), tables):
         if "row" not in table:  # written before rows were keyed by position; prompt_ids alone may repeat
-            raise SELMError(f"{run}: iter-{iteration}/eval/implicit_rewards.parquet has no 'row' column; delete it "
-                            "and compare again (it is recomputed)")
+            path = layout.RunLayout(run).implicit_rewards(int(iteration)).relative_to(run)
+            raise SELMError(f"{run}: {path} has no 'row' column; delete it and compare again (it is recomputed)")
     # A row is its position in the held-out split (and its prompt_id, which must then agree): ids may repeat.
     b_index = {(row, pid): j for j, (row, pid) in enumerate(zip(tables[1]["row"], tables[1]["prompt_id"]))}
     pairs = [(i, b_index[key]) for i, key in enumerate(zip(tables[0]["row"], tables[0]["prompt_id"]))
@@ -112,23 +112,23 @@ def compare_runs(run_dirs, output_dir, iteration: str | None = None, implicit: b
     }
 
     plot_metric_per_iteration({n: list(r["evaluations"].values()) for n, r in runs.items()},
-                              output_dir / "metric_per_iteration.png", title="Held-out metric per iteration")
+                              output_dir / layout.COMPARISON_METRIC_PNG, title="Held-out metric per iteration")
     plot_reward_distributions({n: r["evaluations"][iteration]["dir"] for n, r in runs.items()},
-                              output_dir / "reward_distributions.png", xlabel=first["reward"],
+                              output_dir / layout.COMPARISON_REWARDS_PNG, xlabel=first["reward"],
                               title=f"Held-out reward distribution at iteration {iteration}")
-    figures = ["metric_per_iteration.png", "reward_distributions.png"]
-    if implicit and iteration != "base":
+    figures = [layout.COMPARISON_METRIC_PNG, layout.COMPARISON_REWARDS_PNG]
+    if implicit and iteration != layout.BASE:
         differences = {f"{names[0]} − {n}": implicit_reward_differences(runs[names[0]]["dir"], runs[n]["dir"], iteration)
                        for n in names[1:]}
-        plot_implicit_reward_differences(differences, output_dir / "implicit_rewards.png",
+        plot_implicit_reward_differences(differences, output_dir / layout.COMPARISON_IMPLICIT_PNG,
                                          title=f"Implicit reward differences on held-out pairs, iteration {iteration}")
         result["implicit_reward_difference"] = {
             label: {g: {"mean": sum(v) / len(v), "share_above_zero": sum(x > 0 for x in v) / len(v), "pairs": len(v)}
                     for g, v in d.items()} for label, d in differences.items()}
-        figures.append("implicit_rewards.png")
+        figures.append(layout.COMPARISON_IMPLICIT_PNG)
     result["figures"] = figures
-    write_text(output_dir / "comparison.json", json.dumps(result, indent=2) + "\n")
-    write_text(output_dir / "comparison.md", to_markdown(result))
+    write_text(output_dir / layout.COMPARISON_JSON, json.dumps(result, indent=2) + "\n")
+    write_text(output_dir / layout.COMPARISON_MD, to_markdown(result))
     return result
 
 
@@ -141,7 +141,7 @@ def _held_out_rows(prompts: dict) -> str:
 def to_markdown(result: dict) -> str:
     names = list(result["runs"])
     iterations = sorted({it for r in result["runs"].values() for it in r["held_out"]},
-                        key=lambda it: -1 if it == "base" else int(it))
+                        key=lambda it: -1 if it == layout.BASE else int(it))
     lines = [f"# Held-out comparison: {result['metric']}", "",
              f"{_held_out_rows(result['prompts'])} ({result['prompts']['dataset']}:{result['prompts']['split']}); "
              "each cell: mean ± standard error (win rate against the reference answer).", "",

@@ -246,7 +246,9 @@ def ensure_portion(recipe):
     """
     from selm.io import write_parquet
 
-    path = recipe.iter_dir() / "portion.parquet"
+    from selm.layout import PORTION
+
+    path = recipe.iter_dir() / PORTION
     if path.exists():
         return path
     p = recipe.pipeline

@@ -25,6 +25,7 @@ import shutil
 import time
 from pathlib import Path
 
+from selm import layout
 from selm.errors import SELMError
 
 METRIC_NAMES = {
@@ -41,7 +42,7 @@ REWARD_NAMES = {
 
 
 def eval_dir(recipe) -> Path:
-    return recipe.iter_dir() / "eval"
+    return recipe.iter_dir() / layout.EVAL
 
 
 def load_eval_rows(recipe):
@@ -114,23 +115,35 @@ def _ranker_description(ranking) -> dict:
             "oracle_reward": ranking.oracle_reward if ranking.ranker == "oracle" else None}
 
 
-def evaluate_stage(recipe, engine_kwargs: dict | None = None, progress: bool = True) -> dict:
+def evaluate_stage(recipe, launch=None, *, engine_kwargs: dict | None = None, progress: bool = True) -> dict:
     """Evaluate the model of `recipe`'s iteration (or the base model); return the metrics (see the module docstring).
 
     Resumable: answers are generated in shards under eval/answers.shards/, and an existing metrics.json is final.
+    `launch` (the run_info record) has nothing to learn from evaluation.
     """
+    path = eval_dir(recipe) / layout.EVAL_METRICS
+    from selm.artifacts import read_metrics
+
+    metrics = read_metrics(path.parent)
+    done = metrics is not None
+    metrics = metrics if done else _evaluate(recipe, engine_kwargs, progress)
+    summary = {k: metrics[k] for k in ("iteration", "model", "metric", "mean", "sem", "win_rate", "num_prompts")}
+    print(f"evaluate: {'already done' if done else 'wrote'} {path}\n{json.dumps(summary)}")
+    return metrics
+
+
+def _evaluate(recipe, engine_kwargs, progress) -> dict:
     import pyarrow as pa
     from transformers import AutoTokenizer
 
     from selm.data import prompt_messages, repeat_counts
-    from selm.generation import SIGNATURE_KEYS, check_trained_model, generate_in_shards, generator_kwargs
+    from selm.artifacts import trained_model
+    from selm.generation_stage import SIGNATURE_KEYS, generate_in_shards, generator_kwargs
     from selm.io import write_parquet, write_text
-    from selm.ranking import build_scorer
+    from selm.scorers import build_scorer
 
     out = eval_dir(recipe)
-    if (out / "metrics.json").exists():
-        return json.loads((out / "metrics.json").read_text(encoding="utf-8"))
-    model_path = check_trained_model(recipe)
+    model_path = trained_model(recipe)
     started = time.perf_counter()
     rows = load_eval_rows(recipe)
     overlap = training_overlap(recipe, rows)
@@ -143,7 +156,7 @@ def evaluate_stage(recipe, engine_kwargs: dict | None = None, progress: bool = T
 
     # Greedy, one answer per prompt, through the generation stage's code (vLLM data parallel on GPUs).
     settings = dataclasses.replace(recipe.generation, temperature=0.0, top_p=1.0, num_responses=1)
-    shard_dir = out / "answers.shards"
+    shard_dir = out / layout.EVAL_ANSWER_SHARDS
     signature = {"model": model_path, "rows": len(names), "prompt_ids": _prompt_ids_digest(names),
                  **{k: getattr(settings, k) for k in SIGNATURE_KEYS}}
     t0 = time.perf_counter()
@@ -193,25 +206,10 @@ def evaluate_stage(recipe, engine_kwargs: dict | None = None, progress: bool = T
         "seconds": {"generate": round(generate_s, 2), "score": round(score_s, 2),
                     "total": round(time.perf_counter() - started, 2)},
     }
-    write_parquet(table, out / "answers.parquet", metadata={"model": model_path, "iteration": recipe.iteration_name})
-    write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    write_parquet(table, out / layout.EVAL_ANSWERS, metadata={"model": model_path, "iteration": recipe.iteration_name})
+    write_text(out / layout.EVAL_METRICS, json.dumps(metrics, indent=2) + "\n")
     shutil.rmtree(shard_dir, ignore_errors=True)
     return metrics
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Reading evaluations back (summary, comparison, sweeps)
-# ---------------------------------------------------------------------------------------------------------------
-def read_metrics(directory: Path) -> dict | None:
-    """metrics.json of an eval directory, or None when that evaluation has not run."""
-    path = Path(directory) / "metrics.json"
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
-
-
-def read_rewards(directory: Path) -> list[float]:
-    from selm.io import read_parquet
-
-    return read_parquet(Path(directory) / "answers.parquet", columns=["reward"]).column("reward").to_pylist()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -229,14 +227,14 @@ def implicit_rewards(recipe) -> "pyarrow.Table":  # noqa: F821
     from selm.data import to_trainer_format
     from selm.io import read_parquet, write_parquet
 
-    path = eval_dir(recipe) / "implicit_rewards.parquet"
+    path = eval_dir(recipe) / layout.IMPLICIT_REWARDS
     if path.exists():
         return read_parquet(path)
     if recipe.base:
         raise SELMError("implicit rewards compare an iteration's model with its starting model; the base model has none")
-    from selm.generation import check_trained_model
+    from selm.artifacts import trained_model
 
-    policy_path, reference_path = check_trained_model(recipe), recipe.start_model
+    policy_path, reference_path = trained_model(recipe), recipe.start_model
     rows = load_eval_rows(recipe)
     data = rows.map(lambda r, i: {**to_trainer_format(r), "prompt_id": r["prompt_id"], "row": i}, with_indices=True,
                     remove_columns=rows.column_names, desc="Trainer format")

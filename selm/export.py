@@ -109,12 +109,14 @@ def export_answers(recipe, fmt: str, output, questions_path: str | None = None, 
     """
     import dataclasses
 
-    from selm.generation import Generator, check_trained_model, generator_kwargs
+    from selm.artifacts import trained_model
+    from selm.generation import Generator
+    from selm.generation_stage import generator_kwargs
     from selm.io import write_text
 
     if fmt not in FORMATS:
         raise SELMError(f"--format is {fmt!r}; expected one of {list(FORMATS)}")
-    model_path = check_trained_model(recipe)
+    model_path = trained_model(recipe)
     model_id = model_id or f"{recipe.run_dir.name}-{'base' if recipe.base else f'iter{recipe.iteration}'}"
     questions = (load_alpaca_eval_questions if fmt == "alpaca_eval" else load_mt_bench_questions)(questions_path)
     if temperature < 0:

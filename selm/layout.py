@@ -34,13 +34,21 @@ TRAIN_LOG = "train_log.json"
 EVAL = "eval"
 EVAL_ANSWERS = "answers.parquet"
 EVAL_METRICS = "metrics.json"
+EVAL_ANSWER_SHARDS = "answers.shards"
 IMPLICIT_REWARDS = "implicit_rewards.parquet"
+# Inside a shard directory (generated.shards/, eval/answers.shards/): the settings that made it, and the shards.
+SHARD_SETTINGS = "settings.json"
+SHARD_FILE = "shard-{:05d}.parquet"
 # Files of the run directory.
 FROZEN_RECIPE = "recipe.yaml"
 RUN_INFO = "run_info.json"
 SUMMARY_JSON, SUMMARY_MD, SUMMARY_PNG = "summary.json", "summary.md", "summary.png"
 EVAL_METRIC_PNG, EVAL_REWARDS_PNG = "eval_metric.png", "eval_rewards.png"
 LOGS = "logs"
+# Files of a comparison's output directory (selm/comparison.py: several runs side by side).
+COMPARISON_JSON, COMPARISON_MD = "comparison.json", "comparison.md"
+COMPARISON_METRIC_PNG, COMPARISON_REWARDS_PNG = "metric_per_iteration.png", "reward_distributions.png"
+COMPARISON_IMPLICIT_PNG = "implicit_rewards.png"
 ITER_PREFIX = "iter-"
 BASE = "base"
 

@@ -50,7 +50,7 @@ def plot_reward_distributions(groups: dict, path, title: str, xlabel: str) -> No
     """Histograms (shared bins, outlines) of the per-prompt held-out rewards; `groups` maps a label to an eval dir."""
     import numpy as np
 
-    from selm.evaluation import read_rewards
+    from selm.artifacts import read_rewards
 
     values = {label: np.asarray(read_rewards(d), dtype=float) for label, d in groups.items()}
     everything = np.concatenate(list(values.values()))

@@ -72,8 +72,8 @@ USAGE = ("python scripts/preflight.py RECIPE.yaml [--overlay PATH] --output_dir 
 
 def preflight(argv: list[str]) -> str:
     """Recipe, base model, then the GPU environment; raises SELMError with the first thing wrong, else a summary."""
+    from selm.artifacts import check_model_path
     from selm.cli import split_cli
-    from selm.generation import check_model_path
     from selm.recipe.freeze import check_every_iteration, merge_recipe_sources
 
     num_gpus, rest = None, argv[:1]

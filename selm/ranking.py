@@ -21,20 +21,17 @@ A row whose new chosen and rejected have equal scores carries no preference. `on
 drops a row: it trains on the dataset's pairs by definition. If every row is dropped the stage fails (after writing
 the drops and the report) instead of leaving an empty ranked.parquet for training.
 
-Scorers are callables `(prompts, candidates) -> scores`, with prompts as message lists (system message and earlier
-turns included) and one list of candidate strings per prompt. Empty or whitespace-only candidates are scored like
+Scorers (selm/scorers.py) are callables `(prompts, candidates) -> scores`, with prompts as message lists (system
+message and earlier turns included) and one list of candidate strings per prompt. Empty or whitespace-only candidates are scored like
 any other (they are counted in the report, not removed).
 """
 
-import importlib
-import logging
 import math
-from pathlib import Path
 
-from selm.chat import ConversationTokens
+from selm import layout
+from selm.artifacts import REFERENCE, RESPONSES
 from selm.errors import SELMError
 
-logger = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -63,34 +60,18 @@ def select_pair(scores, num_generated: int, update_rule: str) -> tuple[int, int]
 
 
 def candidates_of(row) -> list[str]:
-    responses = row.get("responses")
+    responses = row.get(RESPONSES)
     if responses is None:  # a generation with one response per prompt may store only reference_response
-        responses = [row["reference_response"]]
+        responses = [row[REFERENCE]]
     return list(responses) + [row["chosen"][-1]["content"], row["rejected"][-1]["content"]]
-
-
-def check_generated_rows(rows, source) -> None:
-    """The columns ranking needs beyond the UltraFeedback ones; a bad value is named by file, row and column."""
-    for i, row in enumerate(rows):
-        reference = row.get("reference_response")
-        if not isinstance(reference, str):
-            raise SELMError(f"{source}: row {i}, column 'reference_response': expected a string, got {reference!r}")
-        responses = row.get("responses")
-        if responses is None:
-            continue
-        if not isinstance(responses, list) or not responses or not all(isinstance(r, str) for r in responses):
-            raise SELMError(f"{source}: row {i}, column 'responses': expected a non-empty list of strings")
-        if responses[0] != reference:
-            raise SELMError(f"{source}: row {i}: 'reference_response' is not the first of 'responses'")
 
 
 def rank_rows(rows: list[dict], scorer, update_rule: str = "best_worst", on_tie: str = "drop", source: str = "input"):
     """Score and decide every row. Returns (kept rows, dropped rows, report); every input row is in one of the two.
 
-    `rows` are dicts in the generated.parquet schema (already validated as UltraFeedback rows); `update_rule` and
-    `on_tie` are a RankingArguments' values (checked when it was built).
+    `rows` are dicts in the generated.parquet schema, as `selm.artifacts.read_generated` checked them; `update_rule`
+    and `on_tie` are a RankingArguments' values (checked when it was built).
     """
-    check_generated_rows(rows, source)
     prompts = [list(row["chosen"][:-1]) for row in rows]
     candidates = [candidates_of(row) for row in rows]
     scores = scorer(prompts, candidates)
@@ -113,7 +94,7 @@ def rank_rows(rows: list[dict], scorer, update_rule: str = "best_worst", on_tie:
             "prompt_id": row["prompt_id"],
             "chosen": prompt + [{"role": "assistant", "content": cands[chosen_index]}],
             "rejected": prompt + [{"role": "assistant", "content": cands[rejected_index]}],
-            "reference_response": row["reference_response"],
+            REFERENCE: row[REFERENCE],
             "candidates": cands,
             "scores": row_scores,
             "chosen_index": chosen_index,
@@ -171,230 +152,6 @@ def build_report(rows, candidates, scores, kept, dropped) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Scorers
-# ---------------------------------------------------------------------------------------------------------------
-def load_function(spec: str | None, key: str = "oracle_reward"):
-    """'package.module:function' -> the function, by import (never eval)."""
-    if not spec or spec.count(":") != 1 or not all(spec.split(":")):
-        raise SELMError(f"{key}: expected 'module:function', got {spec!r}")
-    module_name, function_name = spec.split(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as e:
-        if e.name and (module_name == e.name or module_name.startswith(e.name + ".")):
-            raise SELMError(f"{key}: module {module_name!r} not found") from None
-        raise  # a module that exists but fails inside its own imports is a bug in it, shown in full
-    function = getattr(module, function_name, None)
-    if not callable(function):
-        raise SELMError(f"{key}: {module_name!r} has no function {function_name!r}")
-    return function
-
-
-class OracleScorer:
-    """A known reward `function(prompt_messages, response) -> float` (e.g. selm.standins.tiny:fixture_reward)."""
-
-    def __init__(self, spec: str):
-        self.spec = spec
-        self.function = load_function(spec)
-
-    def __call__(self, prompts, candidates):
-        scores = []
-        for i, (prompt, cands) in enumerate(zip(prompts, candidates)):
-            row = []
-            for j, cand in enumerate(cands):
-                value = self.function(prompt, cand)
-                if isinstance(value, bool) or not isinstance(value, (int, float)):
-                    raise SELMError(f"oracle_reward {self.spec}: returned {value!r} (row {i}, candidate {j}); "
-                                    f"expected a number")
-                row.append(float(value))
-            scores.append(row)
-        return scores
-
-
-# llm-blender's collator marks the source and candidates with these tokens and locates them by id; a literal copy
-# inside a text would give two marks and break the forward, so they are removed from texts first.
-PAIRRM_MARKERS = ("<|source|>", "<|candidate1|>", "<|candidate2|>", "<|candidate|>")
-
-
-def _strip_markers(text: str) -> str:
-    for marker in PAIRRM_MARKERS:
-        text = text.replace(marker, "")
-    return text
-
-
-def pairrm_source(messages) -> str:
-    """The text PairRM sees as the instruction: the user's message, or the whole conversation when there is more."""
-    if len(messages) == 1:
-        return messages[0]["content"]
-    return "\n\n".join(f"{m['role'].upper()}: {m['content']}" for m in messages)
-
-
-class PairRMScorer:
-    """llm-blender PairRM: every candidate compared with every other ([A,B] and [B,A]); score = mean logit margin.
-
-    `batch_size` is the number of candidate pairs per forward. The checkpoint's own source/candidate token limits
-    apply (PairRM: 1224 / 412); a longer conversation is cut from the left here, so the turn being answered stays.
-    """
-
-    def __init__(self, name_or_path: str, batch_size: int = 16, device: str | None = None, dtype: str = "float32"):
-        from selm.compat.llm_blender import load_pairrm
-
-        self.blender = load_pairrm(name_or_path, device=device, dtype=dtype)
-        self.batch_size = batch_size
-
-    def _fit_source(self, text: str) -> str:
-        tokenizer = self.blender.ranker_tokenizer
-        limit = self.blender.ranker_config.source_maxlength - 4  # room for [CLS], <|source|>, [SEP] and one spare
-        ids = tokenizer.encode(text, add_special_tokens=False)
-        return text if len(ids) <= limit else tokenizer.decode(ids[-limit:])
-
-    def __call__(self, prompts, candidates):
-        sources = [self._fit_source(_strip_markers(pairrm_source(p))) for p in prompts]
-        cands = [[_strip_markers(c) for c in row] for row in candidates]
-        scores = [None] * len(prompts)
-        # llm-blender ranks equal-sized candidate lists only; group rows by their candidate count.
-        for size in sorted({len(c) for c in cands}):
-            index = [i for i, c in enumerate(cands) if len(c) == size]
-            out = self.blender.rank([sources[i] for i in index], [cands[i] for i in index], return_scores=True,
-                                    batch_size=self.batch_size)
-            for i, row in zip(index, out):
-                scores[i] = [float(s) for s in row]
-        return scores
-
-
-class RewardModelScorer:
-    """A sequence-classification reward model (num_labels = 1) scoring prompt + answer through its chat template.
-
-    Sequences longer than `max_length` tokens keep their last `max_length` tokens (the answer and the position the
-    model reads its score from) and are counted in `self.truncated`. Without a pad token, sequences go one by one
-    (the model cannot find the end of a padded sequence then).
-    """
-
-    def __init__(self, name_or_path: str, batch_size: int = 16, max_length: int = 2048, device: str | None = None):
-        import torch
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-        from selm.compat.llm_blender import auto_device, check_hub_id
-        from selm.models import check_weights
-
-        if Path(name_or_path).is_dir():
-            check_weights(name_or_path)
-        else:
-            check_hub_id(name_or_path)
-        self.device = auto_device(device)
-        dtype = torch.bfloat16 if self.device.startswith("cuda") else torch.float32
-        try:
-            self.tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-            model = AutoModelForSequenceClassification.from_pretrained(name_or_path, dtype=dtype)
-        except OSError as e:  # transformers' "not found / cannot connect" for a hub id
-            raise SELMError(f"reward model '{name_or_path}' could not be loaded: {str(e).splitlines()[0]}") from e
-        if not self.tokenizer.chat_template:
-            raise SELMError(f"reward model {name_or_path}: its tokenizer has no chat template")
-        self.model = model.to(self.device).eval()
-        if self.model.config.num_labels != 1:
-            raise SELMError(f"reward model {name_or_path}: num_labels is {self.model.config.num_labels}; "
-                            f"a reward model has one output")
-        self.tokens = ConversationTokens(self.tokenizer)
-        self.pad_id = self.tokenizer.pad_token_id
-        self.batch_size = batch_size if self.pad_id is not None else 1
-        self.max_length = max_length
-        self.truncated = 0
-
-    def encode(self, prompt, answer) -> list[int]:
-        # One BOS where the tokenizer adds one, never two, kept when the left is cut (selm/chat.py).
-        ids = self.tokens.encode(prompt + [{"role": "assistant", "content": answer}])
-        if len(ids) > self.max_length:
-            self.truncated += 1
-            ids = self.tokens.keep_prompt_end(ids, self.max_length)
-        return ids
-
-    def __call__(self, prompts, candidates):
-        import torch
-
-        sequences, self.truncated_per_row = [], []
-        for prompt, cands in zip(prompts, candidates):
-            before = self.truncated
-            sequences += [self.encode(prompt, c) for c in cands]
-            self.truncated_per_row.append(self.truncated - before)
-        flat = [0.0] * len(sequences)
-        order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))  # similar lengths share a batch
-        with torch.inference_mode():
-            for start in range(0, len(order), self.batch_size):
-                batch = order[start:start + self.batch_size]
-                width = max(len(sequences[i]) for i in batch)
-                ids = torch.full((len(batch), width), self.pad_id if self.pad_id is not None else 0)
-                mask = torch.zeros((len(batch), width), dtype=torch.long)
-                for row, i in enumerate(batch):
-                    ids[row, :len(sequences[i])] = torch.tensor(sequences[i])
-                    mask[row, :len(sequences[i])] = 1
-                logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits
-                for row, i in enumerate(batch):
-                    flat[i] = float(logits[row, 0])
-        scores, at = [], 0
-        for cands in candidates:
-            scores.append(flat[at:at + len(cands)])
-            at += len(cands)
-        return scores
-
-
-def _score_shard(items, ranking: dict):
-    """Worker of ShardedScorer (module level, so a spawned process can import it): score (prompt, candidates) items."""
-    from selm.recipe.schema import RankingArguments
-
-    scorer = build_scorer(RankingArguments(**ranking), num_workers=1)
-    scores = scorer([p for p, _ in items], [c for _, c in items])
-    truncated = getattr(scorer, "truncated_per_row", [0] * len(items))
-    return list(zip(scores, truncated))
-
-
-class ShardedScorer:
-    """A model ranker on several GPUs: contiguous shards of the rows, one process per GPU (selm.parallel), merged in
-    order. Each process loads its own copy of the model on the one GPU it sees."""
-
-    def __init__(self, ranking, num_workers: int):
-        import dataclasses
-
-        from selm.compat.llm_blender import check_hub_id
-
-        if not Path(ranking.ranker_model_name_or_path).is_dir():  # fail before starting any process
-            check_hub_id(ranking.ranker_model_name_or_path)
-        self.ranking = dataclasses.asdict(ranking)
-        self.num_workers = num_workers
-        self.truncated = 0
-
-    def __call__(self, prompts, candidates):
-        from selm.parallel import run_sharded
-
-        items = list(zip(prompts, candidates))
-        results = run_sharded(_score_shard, items, min(self.num_workers, len(items)), ranking=self.ranking)
-        self.truncated = sum(t for _, t in results)
-        return [s for s, _ in results]
-
-
-def default_num_workers() -> int:
-    """One ranking process per visible GPU; 1 on CPU."""
-    from selm.parallel import visible_devices
-
-    return len(visible_devices() or [None])
-
-
-def build_scorer(ranking, device: str | None = None, num_workers: int | None = None):
-    """The scorer a recipe's RankingArguments name. Model rankers use every visible GPU unless num_workers says."""
-    if ranking.ranker in ("pairrm", "reward_model"):
-        num_workers = default_num_workers() if num_workers is None else num_workers
-        if num_workers > 1:
-            return ShardedScorer(ranking, num_workers)
-    if ranking.ranker == "oracle":
-        return OracleScorer(ranking.oracle_reward)
-    if ranking.ranker == "pairrm":
-        return PairRMScorer(ranking.ranker_model_name_or_path, ranking.ranker_batch_size, device,
-                            ranking.pairrm_dtype)
-    # the one ranker left: RankingArguments checked `ranker` against its choices when it was built
-    return RewardModelScorer(ranking.ranker_model_name_or_path, ranking.ranker_batch_size,
-                             ranking.ranker_max_length, device)
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # The stage: iter-K/generated.parquet -> iter-K/{ranked.parquet, ranking_dropped.parquet, rank_report.json}
 # ---------------------------------------------------------------------------------------------------------------
 def output_schema(with_reason: bool = False):
@@ -403,37 +160,36 @@ def output_schema(with_reason: bool = False):
     messages = pa.list_(pa.struct([("content", pa.string()), ("role", pa.string())]))
     fields = [
         ("prompt", pa.string()), ("prompt_id", pa.string()), ("chosen", messages), ("rejected", messages),
-        ("reference_response", pa.string()), ("candidates", pa.list_(pa.string())),
+        (REFERENCE, pa.string()), ("candidates", pa.list_(pa.string())),
         ("scores", pa.list_(pa.float64())), ("chosen_index", pa.int64()), ("rejected_index", pa.int64()),
     ]
     return pa.schema(fields + ([("reason", pa.string())] if with_reason else []))
 
 
-def run_ranking_stage(recipe, device: str | None = None, num_workers: int | None = None) -> dict | None:
+def run_ranking_stage(recipe, launch=None, *, device: str | None = None, num_workers: int | None = None) -> dict | None:
     """Rank iteration K of a run. Returns the report, or None when ranked.parquet already exists.
 
     A model ranker runs on every visible GPU (one process each over contiguous shards) unless num_workers says.
+    `launch` (the run_info record) has nothing to learn from ranking.
     """
     import json
 
     import pyarrow as pa
 
-    from selm.data import read_parquet_dataset, validate_preference_data
+    from selm.artifacts import read_generated
+    from selm.scorers import build_scorer
     from selm.io import write_parquet, write_text
 
     if recipe.is_generation_free:
         raise SELMError(f"iteration {recipe.iteration} trains on the original pairs (dpo_iteration_zero): "
                         "nothing to rank")
     iter_dir = recipe.iter_dir()
-    source, final = iter_dir / "generated.parquet", iter_dir / "ranked.parquet"
+    source, final = iter_dir / layout.GENERATED, iter_dir / layout.RANKED
+    dropped_path, report_path = iter_dir / layout.RANKING_DROPPED, iter_dir / layout.RANK_REPORT
     if final.exists():
         print(f"{final} exists: ranking of iteration {recipe.iteration} is done, nothing to do")
         return None
-    dataset = read_parquet_dataset(source)
-    validate_preference_data(dataset, str(source))
-    if "reference_response" not in dataset.column_names:
-        raise SELMError(f"{source}: missing column 'reference_response' (written by the generation stage)")
-    rows = dataset.to_list()
+    rows = read_generated(source).to_list()
 
     r = recipe.ranking
     print(f"ranking {len(rows)} rows of {source} with {r.ranker} "
@@ -448,12 +204,12 @@ def run_ranking_stage(recipe, device: str | None = None, num_workers: int | None
 
     # ranked.parquet last: it is the stage's make target, so once it exists the other two are whole as well.
     write_parquet(pa.Table.from_pylist(dropped, schema=output_schema(with_reason=True)),
-                  iter_dir / "ranking_dropped.parquet", metadata=metadata)
-    write_text(iter_dir / "rank_report.json", json.dumps(report, indent=2) + "\n")
+                  dropped_path, metadata=metadata)
+    write_text(report_path, json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))
     if not kept:  # nothing to train on: say so now rather than leave an empty ranked.parquet for training to trip on
         raise SELMError(f"all {len(rows)} rows of {source} were dropped {report['dropped_by_reason']}; "
-                        f"see {iter_dir / 'ranking_dropped.parquet'} (on_tie: keep keeps tied rows)")
+                        f"see {dropped_path} (on_tie: keep keeps tied rows)")
     write_parquet(pa.Table.from_pylist(kept, schema=output_schema()), final, metadata=metadata)
-    print(f"wrote {final} ({len(kept)} rows) and {iter_dir / 'ranking_dropped.parquet'} ({len(dropped)} rows)")
+    print(f"wrote {final} ({len(kept)} rows) and {dropped_path} ({len(dropped)} rows)")
     return report

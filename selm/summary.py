@@ -53,7 +53,7 @@ def iteration_summary(k: int, d: Path) -> dict:
 
 def held_out(run_dir: Path) -> list[dict]:
     """The held-out evaluations of a run, base first, then by iteration: [{iteration, dir, metrics}, ...]."""
-    from selm.evaluation import read_metrics
+    from selm.artifacts import read_metrics
     from selm.layout import RunLayout
 
     found = [("base", RunLayout(run_dir, _shared_iteration_zero(run_dir)).eval_dir("base"))]

@@ -19,21 +19,24 @@ gives the rest of the trainer the same per-completion log-probs, in the same ord
 sharing on, DPO pairs (α = 0, no reference column) take the SELM loss path too, packed or not (one metric path for
 all ranks), whose α = 0 loss is DPO's sigmoid loss.
 A non-finite loss or gradient stops training before the optimizer step applies it (`compute_loss`, `_get_grad_norm`).
+
+The loss itself is selm/loss.py; the train stage around the trainer is selm/training.py. This file stays over 400
+lines because it is one DPOTrainer subclass and its collator: the seams above are methods of the class, each next to
+the trl code path it replaces, and the collator's row layout is what `_sequence_logps` reads. The trainer is public
+API, used with users' datasets (trl-compatible): it checks `reference_response` itself (`require_reference`, empty
+rows), although the pipeline's artifacts were checked when they were read (selm/artifacts.py).
 """
 
 import contextlib
 import math
-import os
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from accelerate.utils import is_peft_model
 from datasets import Dataset, IterableDataset
 from torch.utils.data import DataLoader
 from transformers import AutoConfig, AutoProcessor, ProcessorMixin
-from transformers.trainer_utils import get_last_checkpoint
 from trl import DPOTrainer
 from trl.data_utils import _tokenize, common_prefix_length, is_conversational
 from trl.models import prepare_deepspeed
@@ -42,11 +45,12 @@ from trl.trainer.dpo_trainer import DataCollatorForPreference
 from trl.trainer.utils import get_config_model_id, pad, use_adapter
 
 from selm import prefix_sharing
+from selm.artifacts import REFERENCE
 from selm.chat import ConversationTokens
 from selm.errors import SELMError, SELMValueError
+from selm.loss import selm_loss
 from selm.trainer_config import SELMConfig
 
-REFERENCE = "reference_response"
 GROUPS = ("chosen", "rejected", "reference")
 # Batch keys that are not model inputs.
 NON_MODEL_KEYS = {"completion_mask", "sequence_group", "segment_ids", "ref_chosen_logps", "ref_rejected_logps",
@@ -78,7 +82,8 @@ def _is_streaming(datasets) -> bool:
 
 
 def require_reference(dataset, name: str, alpha: float) -> None:
-    """α > 0 is meaningless without y_ref: fail before any tokenization, naming the column."""
+    """α > 0 is meaningless without y_ref: fail before any tokenization, naming the column (train and eval
+    datasets alike: `_prepare_dataset` calls it for each)."""
     if alpha > 0 and REFERENCE not in _column_names(dataset):
         raise SELMError(
             f"{name} dataset: missing column '{REFERENCE}' (alpha={alpha} > 0 needs the generated response y_ref; "
@@ -187,8 +192,6 @@ class SELMTrainer(DPOTrainer):
         self.alpha = float(getattr(args, "alpha", 0.0))
         # Anything else (None, a list) is left to DPOTrainer, which raises its own ValueError / TypeError for it.
         known = isinstance(train_dataset, (Dataset, IterableDataset))
-        if known:
-            require_reference(train_dataset, "train", self.alpha)
         columns = _column_names(train_dataset) if known else []
         if _is_streaming(eval_dataset):
             # DPOTrainer does this for a streaming train dataset only. Accelerate's dispatcher slices every batch
@@ -456,8 +459,9 @@ class SELMTrainer(DPOTrainer):
         step = self.state.global_step + 1
         if not self.model.training:
             return SELMError(f"evaluation stopped: {what} (after training step {self.state.global_step})")
-        last = get_last_checkpoint(self.args.output_dir) if self.args.output_dir and os.path.isdir(
-            self.args.output_dir) else None
+        from selm.training import last_complete_checkpoint  # the resume's rule: a half-written one is not "good"
+
+        last = last_complete_checkpoint(self.args.output_dir) if self.args.output_dir else None
         return SELMError(
             f"training stopped at step {step} (epoch {self.state.epoch or 0:.2f}): {what}; the step was not applied, "
             f"the weights are those after step {step - 1}; output_dir {self.args.output_dir}, last good checkpoint "
@@ -483,10 +487,8 @@ class SELMTrainer(DPOTrainer):
                 ref, _ = self._sequence_logps(ref_model, inputs, reference=True)
             ref = ref.view(len(groups), -1)
         logps, ref = logps.view(len(groups), -1), ref.detach()
-        logratios = logps - ref  # (groups, batch)
-        dpo_losses = -F.logsigmoid(self.beta * (logratios[0] - logratios[1]))
-        optimism = self.alpha * self.beta * logratios[2] if len(groups) == len(GROUPS) else None
-        loss = (dpo_losses if optimism is None else dpo_losses + optimism).mean()
+        loss, terms = selm_loss(logps, ref, self.beta, self.alpha)
+        logratios, dpo_losses, optimism = terms["logratios"], terms["dpo_losses"], terms["optimism"]
         if self.aux_loss_enabled:
             loss = loss + self.router_aux_loss_coef * outputs.aux_loss
             self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(outputs.aux_loss).mean().item())

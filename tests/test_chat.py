@@ -144,7 +144,7 @@ def test_reward_model_sequences_follow_the_same_rule(paper_standin, tmp_path):
     """A reward model on Zephyr's tokenizer scores `<s>` + the conversation, and keeps `<s>` when cut."""
     from transformers import AutoTokenizer, MistralConfig, MistralForSequenceClassification
 
-    from selm.ranking import RewardModelScorer
+    from selm.scorers import RewardModelScorer
 
     path = tmp_path / "zephyr-rm"
     shutil.copytree(paper_standin("zephyr"), path)

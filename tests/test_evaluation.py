@@ -16,9 +16,13 @@ from conftest import script_main
 
 
 def run_script(name, argv) -> int:
-    """scripts/<name>.py main(argv) in this process; its exit code."""
+    """scripts/<name>.py main(argv) in this process (the evaluate stage through selm.cli.run_stage); its exit code."""
+    from selm.cli import run_stage
+    from selm.evaluation import evaluate_stage
+
+    main = (lambda a: run_stage("evaluate", evaluate_stage, a)) if name == "evaluate" else script_main(name)
     try:
-        return script_main(name)([str(a) for a in argv]) or 0
+        return main([str(a) for a in argv]) or 0
     except SystemExit as e:
         return e.code
 
@@ -133,7 +137,7 @@ def test_iteration_base_is_only_for_evaluation_and_export(smoke_recipe):
 # ---------------------------------------------------------------- PairRM: s(y) - s(y*), both orders
 def test_pairrm_reward_is_antisymmetric_and_zero_against_itself(tiny_pairrm_dir):
     from selm.evaluation import score_against_reference
-    from selm.ranking import PairRMScorer
+    from selm.scorers import PairRMScorer
     from selm.standins.tiny import fixture_rows
 
     rows = fixture_rows(6)
@@ -150,7 +154,7 @@ def test_pairrm_reward_is_antisymmetric_and_zero_against_itself(tiny_pairrm_dir)
     assert wins == [1.0 if v > 0 else 0.5 if v == 0 else 0.0 for v in d]
     assert [a + b for a, b in zip(wins, swapped_wins)] == pytest.approx([1.0] * 6)
     # Independently, through llm-blender's one-order comparison: d = l(y > y*) - l(y* > y).
-    from selm.ranking import pairrm_source
+    from selm.scorers import pairrm_source
 
     sources = [pairrm_source(p) for p in prompts]
     ab = scorer.blender.compare(sources, y, y_star, mode="[A,B]", return_logits=True, disable_tqdm=True)

@@ -9,13 +9,15 @@ import pytest
 
 from selm.errors import SELMError
 
-from conftest import script_main
+from selm.cli import run_stage
 
 
 def run_script(*argv) -> int:
     """scripts/generate.py main() in this process; returns its exit code."""
+    from selm.generation_stage import generate_stage
+
     try:
-        script_main("generate")([str(a) for a in argv])
+        run_stage("generate", generate_stage, [str(a) for a in argv])
     except SystemExit as e:
         return e.code
     return 0
@@ -313,7 +315,9 @@ def test_one_prompt_longer_than_context_is_dropped_and_reported(smoke_recipe, ti
     assert dropped["prompt_id"] == rows[2]["prompt_id"] and f"{lengths[2]} prompt tokens" in dropped["reason"]
     assert "512" in dropped["reason"] and leftovers(iter_dir) == []
 
-    assert script_main("rank")([str(recipe), "--iteration", "1"]) in (None, 0)
+    from selm.ranking import run_ranking_stage
+
+    assert run_stage("rank", run_ranking_stage, [str(recipe), "--iteration", "1"]) == 0
     assert {r["prompt_id"] for r in read(iter_dir / "ranked.parquet")} <= set(kept)
 
 
@@ -408,26 +412,26 @@ def test_shards_are_balanced_over_replicas(prompts, max_size, replicas, expected
 def test_resume_keeps_the_first_runs_shards_under_another_layout(varied_model_dir, tmp_path, monkeypatch, capsys):
     """A resume with another parallel layout (here: 2 replicas first, 1 now) reuses the first run's shard layout,
     says so, and gives the output of an uninterrupted run under the first layout."""
-    from selm import generation
+    from selm import generation_stage
 
     conversations, names = fixture_conversations(20)
     config = settings(generation_shard_size=8, temperature=0.8, generation_seed=5)
     two_replicas = {"data_parallel_size": 2, "tensor_parallel_size": 1, "vllm_batch_invariant": False}
 
     def run(shard_dir):
-        return generation.generate_in_shards(str(varied_model_dir), config, conversations, names, shard_dir,
-                                             {"model": "m"}, {"progress": False})
+        return generation_stage.generate_in_shards(str(varied_model_dir), config, conversations, names, shard_dir,
+                                                   {"model": "m"}, {"progress": False})
 
     with monkeypatch.context() as m:
-        m.setattr(generation, "parallel_layout", lambda settings: two_replicas)
+        m.setattr(generation_stage, "parallel_layout", lambda settings: two_replicas)
         whole, _, _ = run(tmp_path / "whole")
-        real_write = generation._write_shards
+        real_write = generation_stage._write_shards
 
         def first_shard_only(gen, shards, shard_dir):
             real_write(gen, shards[:1], shard_dir)
             raise KeyboardInterrupt("simulated interruption")
 
-        m.setattr(generation, "_write_shards", first_shard_only)
+        m.setattr(generation_stage, "_write_shards", first_shard_only)
         with pytest.raises(KeyboardInterrupt):
             run(tmp_path / "run")
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["settings.json", "shard-00000.parquet"]
@@ -521,7 +525,7 @@ def test_vllm_data_parallel_stage_merges_in_order(vllm_gen, smoke_recipe, varied
 
     for key, value in FAST_START_ENV.items():  # inherited by the two spawned engine processes
         monkeypatch.setenv(key, value)
-    from selm.generation import generate_stage
+    from selm.generation_stage import generate_stage
 
     recipe_path = smoke_recipe(model_name_or_path=str(varied_model_dir), max_samples=40, max_new_tokens=8,
                                generation_backend="vllm", data_parallel_size=2, generation_shard_size=5, **VLLM_KW)

@@ -267,8 +267,7 @@ def test_sweep_makes_one_run_per_combination_and_a_table(smoke_recipe, tmp_path)
 
 
 def test_resume_skips_a_checkpoint_whose_writing_was_interrupted(tmp_path):
-    sys.path.insert(0, str(REPO / "scripts"))
-    from train import last_complete_checkpoint
+    from selm.training import last_complete_checkpoint
 
     assert last_complete_checkpoint(tmp_path) is None
     for step, state in ((2, "{}"), (3, None), (10, '{"half')):

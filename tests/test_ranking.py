@@ -10,21 +10,11 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from selm.cli import run_stage
 from selm.errors import SELMError
-from selm.ranking import (
-    OracleScorer,
-    PairRMScorer,
-    RewardModelScorer,
-    load_function,
-    output_schema,
-    pairrm_source,
-    preference_order,
-    rank_rows,
-    select_pair,
-)
+from selm.ranking import output_schema, preference_order, rank_rows, select_pair
+from selm.scorers import OracleScorer, PairRMScorer, RewardModelScorer, load_function, pairrm_source
 from selm.standins.tiny import fixture_rows
-
-from conftest import script_main
 
 
 @pytest.fixture(scope="session")
@@ -150,7 +140,7 @@ def test_pairrm_dtype_on_a_gpu_is_what_the_recipe_says(dtype, fp16, tiny_pairrm_
     from llm_blender.pair_ranker.config import RankerConfig
 
     from selm.recipe.schema import RankingArguments
-    from selm.ranking import build_scorer
+    from selm.scorers import build_scorer
 
     given, real_load = [], Blender.loadranker
 
@@ -217,7 +207,7 @@ def test_reward_model_batched_scores_match_one_by_one(tiny_rm_dir):
 def test_sharded_scorer_matches_one_process(tiny_rm_dir):
     """The multi-GPU path (one process per shard, merged in order), run here with 2 CPU processes."""
     from selm.recipe.schema import RankingArguments
-    from selm.ranking import ShardedScorer, build_scorer
+    from selm.scorers import ShardedScorer, build_scorer
 
     ranking = RankingArguments(ranker="reward_model", ranker_model_name_or_path=str(tiny_rm_dir),
                                ranker_batch_size=4, ranker_max_length=24)
@@ -340,11 +330,17 @@ def test_rank_rows_accounting_ties_and_multi_turn():
     assert [r["chosen"] for r in kept_orig] == [r["chosen"] for r in rows]
 
 
-def test_rank_rows_bad_input():
+def test_rank_rows_bad_input(tmp_path):
+    import datasets
+
+    from selm.artifacts import read_generated
+    from selm.io import write_parquet
+
     rows = generated_rows(3)
     rows[1]["responses"] = ["something else", rows[1]["reference_response"]]
+    write_parquet(datasets.Dataset.from_list(rows), tmp_path / "generated.parquet")
     with pytest.raises(SELMError, match="row 1: 'reference_response' is not the first of 'responses'"):
-        rank_rows(rows, TableScorer([[0, 1, 2]] * 3))
+        read_generated(tmp_path / "generated.parquet")  # the artifact's reader: rank_rows trusts what it passed
     rows = generated_rows(3)
     with pytest.raises(SELMError, match="non-finite score nan .*row 2"):
         rank_rows(rows, TableScorer([[0, 1, 2], [0, 1, 2], [0, float("nan"), 2]]))
@@ -373,7 +369,9 @@ def write_generated(recipe_path, iteration=1, num_rows=50):
 
 
 def run_rank(recipe, *args):
-    return script_main("rank")([str(recipe), "--iteration", "1", *args])
+    from selm.ranking import run_ranking_stage
+
+    return run_stage("rank", run_ranking_stage, [str(recipe), "--iteration", "1", *args])
 
 
 def test_rank_script_oracle_end_to_end(smoke_recipe, capsys):

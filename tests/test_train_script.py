@@ -7,13 +7,18 @@ import sys
 import pytest
 import yaml
 
-from conftest import REPO, script_main
+from selm.cli import run_stage
+
+from conftest import REPO
 
 ROWS = 32  # 2 optimizer steps at the smoke recipe's global batch of 16
 
 
 def train_main():
-    return script_main("train")
+    """The train stage's command line (scripts/train.py's main), in this process."""
+    from selm.training import train_stage
+
+    return lambda argv: run_stage("train", train_stage, argv)
 
 
 def write_ranked(run_dir, iteration=1, with_reference=True):
@@ -160,15 +165,13 @@ def test_shared_iteration_zero_is_reused_only_with_the_same_settings(smoke_recip
 
 
 TWO_NODE_DATA_RUN = '''
-import importlib.util, sys
+import sys
 from pathlib import Path
 
 import selm.io
 from selm.recipe.parse import parse_recipe
+from selm.training import load_training_data_once
 
-spec = importlib.util.spec_from_file_location("train_script", sys.argv[2])
-train = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(train)
 recipe, _ = parse_recipe([sys.argv[1], "--iteration", "0"], stage="train")
 args = recipe.training_config(ddp_backend="gloo")
 real_write = selm.io.write_parquet
@@ -180,7 +183,7 @@ def counted(table, path, **kwargs):
 
 
 selm.io.write_parquet = counted
-print(f"rank {args.process_index} read {len(train.load_training_data_once(recipe, args))} rows", flush=True)
+print(f"rank {args.process_index} read {len(load_training_data_once(recipe, args))} rows", flush=True)
 '''
 
 
@@ -201,7 +204,7 @@ def test_two_nodes_write_iteration_zeros_portion_once(smoke_recipe, tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONPATH=str(REPO))
     nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
                                "--node_rank", str(rank), "--master_addr", "127.0.0.1", "--master_port", str(port),
-                               str(script), str(recipe), str(REPO / "scripts/train.py")],
+                               str(script), str(recipe)],
                               cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for rank in (0, 1)]
     outputs = [node.communicate(timeout=300) for node in nodes]

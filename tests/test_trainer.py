@@ -317,3 +317,21 @@ def test_non_finite_gradient_on_one_rank_stops_every_process(launcher, tmp_path,
         assert result.stdout.count("weights unchanged: True") == 2
     else:
         assert all("the gradient norm is inf" in line for line in stops)
+
+
+def test_stop_message_names_the_checkpoint_a_resume_would_use(tmp_path):
+    """One "last complete checkpoint" rule: a half-written checkpoint (no trainer_state.json, which transformers
+    writes last) is not named as the last good one, as the resume skips it too."""
+    from types import SimpleNamespace
+
+    from selm.trainer import SELMTrainer
+    from selm.training import last_complete_checkpoint
+
+    (tmp_path / "checkpoint-2").mkdir()
+    (tmp_path / "checkpoint-2" / "trainer_state.json").write_text("{}")
+    (tmp_path / "checkpoint-3").mkdir()  # a crash while it was being saved
+    trainer = SimpleNamespace(state=SimpleNamespace(global_step=3, epoch=0.5), model=SimpleNamespace(training=True),
+                              args=SimpleNamespace(output_dir=str(tmp_path)))
+    message = str(SELMTrainer._stopped(trainer, "the loss is nan"))
+    assert message.endswith(f"last good checkpoint {tmp_path / 'checkpoint-2'}")
+    assert last_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-2")
