@@ -1,5 +1,6 @@
 # SELM: chains generate -> rank -> train -> evaluate over iterations (the run driver, scripts/run.py). Every stage
-# output is written atomically, so a file that exists is finished: rerunning after a crash resumes at the first missing one.
+# output is written atomically, so a file that exists is finished: rerunning after a crash resumes at the first
+# missing one.
 #
 #   make demo                       SELM against iterative DPO on CPU, on a task whose reward is exact (README quick start)
 #   make benchmark [SEEDS="10 11"]  the same over seeds, with the paired difference and an alpha sweep
@@ -128,7 +129,8 @@ DEMO_START := $(shell date +%s)
 demo_args = --seed $(1) --model_name_or_path $(DEMO_BUILD)/base-seed$(1) --dataset_name $(DEMO_BUILD)/data-seed$(1)
 demo_task = $(PY) scripts/build_demo_task.py --seed $(1) --data_dir $(DEMO_BUILD)/data-seed$(1) \
 	--model_dir $(DEMO_BUILD)/base-seed$(1) $(DEMO_TASK_ARGS)
-demo_run = @echo "$(2): $(1) on seed $(3)" && $(call drive,recipes/demo/$(1).yaml,$(2),$(call demo_args,$(3)) $(ARGS),$(PY),$(GPUS),1)
+demo_run = @echo "$(2): $(1) on seed $(3)" && \
+	$(call drive,recipes/demo/$(1).yaml,$(2),$(call demo_args,$(3)) $(ARGS),$(PY),$(GPUS),1)
 
 demo: demo-task
 	+$(MAKE) --no-print-directory -j2 demo-selm demo-dpo
@@ -183,7 +185,8 @@ ZEPHYR_ITER0 := --iteration_zero_dir $(PAPER_ROOT)/zephyr-iter0
 # plain process, so a missing model is the last line printed, not line 17 of the launcher's report. -n prints it.
 paper_preflight = $(if $(filter 1,$(REHEARSAL)),,$(PY) scripts/preflight.py $(1) \
 	--output_dir $(or $(RUN_DIR),$(PAPER_ROOT)/$(2)) --num_gpus $(NUM_GPUS) $(3) $(ARGS))
-paper_run = $(call drive,$(1),$(or $(RUN_DIR),$(PAPER_ROOT)/$(2)),$(3) $(ARGS),$(or $(LAUNCH),$(ACCELERATE)),$(NUM_GPUS),$(STAGE_LOGS))
+paper_run = $(call drive,$(1),$(or $(RUN_DIR),$(PAPER_ROOT)/$(2)),$(3) $(ARGS),$(or $(LAUNCH),$(ACCELERATE)),$(NUM_GPUS),\
+	$(STAGE_LOGS))
 
 zephyr-selm: $(PAPER_NEEDS)
 	$(call paper_preflight,recipes/zephyr-7b-sft/selm.yaml,zephyr-selm,$(ZEPHYR_ITER0))
@@ -209,10 +212,11 @@ llama3-dpo: $(PAPER_NEEDS)
 # `+` runs it anyway, with --print: it prints the commands and writes nothing.
 PRINT_ONLY = $(if $(findstring n,$(firstword -$(MAKEFLAGS))),--print)
 # $(call driver_options,LAUNCH,GPUS,STAGE_LOGS), and OVERLAY, ITER
-driver_options = $(if $(OVERLAY),--overlay $(OVERLAY)) $(if $(ITER),--last_iteration $(ITER)) $(if $(1),--launch "$(1)") \
-	$(if $(2),--gpus $(2)) $(if $(filter 1,$(3)),--stage_logs) $(PRINT_ONLY)
+driver_options = $(if $(OVERLAY),--overlay $(OVERLAY)) $(if $(ITER),--last_iteration $(ITER)) \
+	$(if $(1),--launch "$(1)") $(if $(2),--gpus $(2)) $(if $(filter 1,$(3)),--stage_logs) $(PRINT_ONLY)
 # $(call drive,RECIPE,RUN_DIR,ARGS,LAUNCH,GPUS,STAGE_LOGS); RUN_DIR empty: the driver names it under RUN_ROOT
-drive = $(PY) scripts/run.py $(1) $(if $(2),--run_dir $(2),--run_root $(RUN_ROOT)) $(call driver_options,$(4),$(5),$(6)) $(3)
+drive = $(PY) scripts/run.py $(1) $(if $(2),--run_dir $(2),--run_root $(RUN_ROOT)) \
+	$(call driver_options,$(4),$(5),$(6)) $(3)
 
 run:
 	@test -n "$(RECIPE)" || { echo "error: make run needs RECIPE=path/to/recipe.yaml" >&2; exit 2; }

@@ -4,7 +4,7 @@
     <run_dir>/run_info.json               what ran, where, with which software
     <run_dir>/summary.{json,md,png}       the run's summary; eval_metric.png, eval_rewards.png its figures
     <run_dir>/logs/<stage>.log            a stage's output when the run logs stages to files
-    <run_dir>/.error-<stage>              a launched stage's error line, repeated once its launcher has exited
+    <run_dir>/.error-<stage>              a launched stage's error line, repeated after its launcher's report
     <iter>/portion.parquet                the iteration's slice of the preference data
     <iter>/generated.parquet              the portion + the start model's responses (generated.shards/ while running)
     <iter>/generate_report.json           what generation dropped and why

@@ -1,4 +1,4 @@
-"""The pipeline through make: the smoke run, interruption and resume, and a sweep (CPU, tiny model, no hub)."""
+"""The pipeline through make and the run driver: the smoke run, interruption and resume, and a sweep (CPU, tiny model, no hub)."""
 
 import json
 import math
@@ -220,6 +220,7 @@ def test_a_run_killed_in_every_stage_resumes_without_redoing_finished_stages(fin
         previous_note = note
     code, err = refusal[0]
     assert code != 0 and f"{run.resolve() / '.selm.lock'} is held by pid" in err and "make" in err, err
+    assert "scripts/run.py" in err  # the holder's command: the run driver
     assert (run / ".selm.lock").exists()  # left behind by the killed runs: it did not block their reruns
 
     out = make(*args)

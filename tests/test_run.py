@@ -45,7 +45,8 @@ def test_plan_is_what_the_stages_resolve_whatever_overlays_comments_and_args_say
                                         "# num_iterations: 9\nevaluate: [false, true]\ntensor_parallel_size: 2\n")
     overlay = tmp_path / "overlay.yaml"
     overlay.write_text("num_iterations: 3\ndpo_iteration_zero: true\nevaluate: true\n")
-    argv = [str(recipe), "--overlay", str(overlay), "--output_dir", str(tmp_path / "run"), "--tensor_parallel_size", "4"]
+    argv = [str(recipe), "--overlay", str(overlay), "--output_dir", str(tmp_path / "run"),
+            "--tensor_parallel_size", "4"]
     plan = plan_run(argv, "2")
     assert plan["iterations"] == [0, 1, 2] and plan["layout"].iter_dir(0) == tmp_path / "run" / "iter-0"
     assert plan["evaluate"] == {0: True, 1: True, 2: True, 3: True} and plan["tensor_parallel_size"][3] == 4
@@ -62,7 +63,8 @@ def test_plan_is_what_the_stages_resolve_whatever_overlays_comments_and_args_say
     frozen, _ = freeze_recipe(argv)
     for k in (0, 1, 2, 3):
         r, _ = parse_recipe([str(frozen), "--iteration", str(k)])
-        assert r.pipeline.iterations == [0, 1, 2, 3] and r.evaluation.evaluate and r.generation.tensor_parallel_size == 4
+        assert r.pipeline.iterations == [0, 1, 2, 3] and r.evaluation.evaluate
+        assert r.generation.tensor_parallel_size == 4
     assert plan_run([str(recipe), "--output_dir", str(tmp_path / "run")])["iterations"] == [0, 1, 2, 3]  # frozen wins
     with pytest.raises(SELMError, match=r"ITER=4: .* has iterations \[0, 1, 2, 3\]"):
         plan_run(argv, "4")
