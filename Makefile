@@ -1,5 +1,6 @@
-# SELM: chains generate -> rank -> train -> evaluate over iterations. Every stage output is a make target written
-# atomically, so a file that exists is finished: rerunning after a crash resumes at the first missing one.
+# SELM: chains generate -> rank -> train -> evaluate over iterations (the run driver, scripts/run.py). Every stage
+# output is written atomically, so a file that exists is finished: rerunning after a crash resumes at the first
+# missing one.
 #
 #   make demo                       SELM against iterative DPO on CPU, on a task whose reward is exact (README quick start)
 #   make benchmark [SEEDS="10 11"]  the same over seeds, with the paired difference and an alpha sweep
@@ -128,8 +129,8 @@ DEMO_START := $(shell date +%s)
 demo_args = --seed $(1) --model_name_or_path $(DEMO_BUILD)/base-seed$(1) --dataset_name $(DEMO_BUILD)/data-seed$(1)
 demo_task = $(PY) scripts/build_demo_task.py --seed $(1) --data_dir $(DEMO_BUILD)/data-seed$(1) \
 	--model_dir $(DEMO_BUILD)/base-seed$(1) $(DEMO_TASK_ARGS)
-demo_run = @echo "$(2): $(1) on seed $(3)" && $(MAKE) --no-print-directory run RECIPE=recipes/demo/$(1).yaml RUN_DIR=$(2) LAUNCH="$(PY)" STAGE_LOGS=1 \
-	ARGS="$(call demo_args,$(3)) $(ARGS)"
+demo_run = @echo "$(2): $(1) on seed $(3)" && \
+	$(call drive,recipes/demo/$(1).yaml,$(2),$(call demo_args,$(3)) $(ARGS),$(PY),$(GPUS),1)
 
 demo: demo-task
 	+$(MAKE) --no-print-directory -j2 demo-selm demo-dpo
@@ -162,15 +163,16 @@ $(foreach s,$(SEEDS),$(eval bench-selm-$(s) bench-dpo-$(s) bench-alpha: bench-ta
 $(BENCH_RUNS):
 	+$(call demo_run,$(word 2,$(subst -, ,$@)),$(BENCH_ROOT)/$(word 2,$(subst -, ,$@))-seed$(word 3,$(subst -, ,$@)),$(word 3,$(subst -, ,$@)))
 
+BENCH_SWEEP := recipes/sweeps/demo-alpha.yaml --output_root $(BENCH_ROOT)/alpha-seed$(firstword $(SEEDS))
 bench-alpha:
-	+$(MAKE) --no-print-directory sweep SWEEP=recipes/sweeps/demo-alpha.yaml SWEEP_ROOT=$(BENCH_ROOT)/alpha-seed$(firstword $(SEEDS)) \
-	  LAUNCH="$(PY)" GPUS= STAGE_LOGS=1 ARGS="$(call demo_args,$(firstword $(SEEDS))) $(ARGS)"
+	+$(call sweep_runs,$(BENCH_SWEEP),$(PY),,1,$(call demo_args,$(firstword $(SEEDS))) $(ARGS))
+	$(PY) scripts/sweep.py table $(BENCH_SWEEP)
 
 smoke: tiny
-	$(MAKE) --no-print-directory run RECIPE=recipes/smoke/selm.yaml RUN_DIR=$(or $(RUN_DIR),$(RUN_ROOT)/smoke-selm) LAUNCH="$(PY)"
+	+$(call drive,recipes/smoke/selm.yaml,$(RUN_DIR),$(ARGS),$(PY),$(GPUS),$(STAGE_LOGS))
 
 smoke-dpo: tiny
-	$(MAKE) --no-print-directory run RECIPE=recipes/smoke/dpo.yaml RUN_DIR=$(or $(RUN_DIR),$(RUN_ROOT)/smoke-dpo) LAUNCH="$(PY)"
+	+$(call drive,recipes/smoke/dpo.yaml,$(RUN_DIR),$(ARGS),$(PY),$(GPUS),$(STAGE_LOGS))
 
 clean-smoke:
 	rm -rf $(RUN_ROOT)/smoke-selm $(RUN_ROOT)/smoke-dpo
@@ -183,8 +185,8 @@ ZEPHYR_ITER0 := --iteration_zero_dir $(PAPER_ROOT)/zephyr-iter0
 # plain process, so a missing model is the last line printed, not line 17 of the launcher's report. -n prints it.
 paper_preflight = $(if $(filter 1,$(REHEARSAL)),,$(PY) scripts/preflight.py $(1) \
 	--output_dir $(or $(RUN_DIR),$(PAPER_ROOT)/$(2)) --num_gpus $(NUM_GPUS) $(3) $(ARGS))
-paper_run = $(MAKE) --no-print-directory run RECIPE=$(1) RUN_DIR=$(or $(RUN_DIR),$(PAPER_ROOT)/$(2)) ARGS="$(3) $(ARGS)" \
-	LAUNCH="$(or $(LAUNCH),$(ACCELERATE))" GPUS=$(NUM_GPUS) OVERLAY=$(OVERLAY)
+paper_run = $(call drive,$(1),$(or $(RUN_DIR),$(PAPER_ROOT)/$(2)),$(3) $(ARGS),$(or $(LAUNCH),$(ACCELERATE)),$(NUM_GPUS),\
+	$(STAGE_LOGS))
 
 zephyr-selm: $(PAPER_NEEDS)
 	$(call paper_preflight,recipes/zephyr-7b-sft/selm.yaml,zephyr-selm,$(ZEPHYR_ITER0))
@@ -203,12 +205,25 @@ llama3-dpo: $(PAPER_NEEDS)
 	+$(call paper_run,recipes/llama-3-8b-instruct/dpo.yaml,llama3-dpo,$(call rehearsal_model,llama3))
 
 # ---------------------------------------------------------------- one run: RECIPE, RUN_DIR, ITER, ARGS, LAUNCH
-ifneq ($(filter run run-stages,$(MAKECMDGOALS)),)
-include pipeline.mk
-endif
+# The run driver (scripts/run.py, docs/running.md) freezes RECIPE (+ OVERLAY + ARGS) into RUN_DIR, plans the run from
+# it and launches each stage whose output is missing: train under LAUNCH (plain python, or accelerate launch ...),
+# generate and evaluate with GPUS / tensor_parallel_size vLLM replicas (GPUS empty: the recipe's own setting);
+# STAGE_LOGS=1: each stage's output in RUN_DIR/logs/. It holds RUN_DIR's lock for the whole run. Under `make -n` the
+# `+` runs it anyway, with --print: it prints the commands and writes nothing.
+PRINT_ONLY = $(if $(findstring n,$(firstword -$(MAKEFLAGS))),--print)
+# $(call driver_options,LAUNCH,GPUS,STAGE_LOGS), and OVERLAY, ITER
+driver_options = $(if $(OVERLAY),--overlay $(OVERLAY)) $(if $(ITER),--last_iteration $(ITER)) \
+	$(if $(1),--launch "$(1)") $(if $(2),--gpus $(2)) $(if $(filter 1,$(3)),--stage_logs) $(PRINT_ONLY)
+# $(call drive,RECIPE,RUN_DIR,ARGS,LAUNCH,GPUS,STAGE_LOGS); RUN_DIR empty: the driver names it under RUN_ROOT
+drive = $(PY) scripts/run.py $(1) $(if $(2),--run_dir $(2),--run_root $(RUN_ROOT)) \
+	$(call driver_options,$(4),$(5),$(6)) $(3)
+
+run:
+	@test -n "$(RECIPE)" || { echo "error: make run needs RECIPE=path/to/recipe.yaml" >&2; exit 2; }
+	+$(call drive,$(RECIPE),$(RUN_DIR),$(ARGS),$(LAUNCH),$(GPUS),$(STAGE_LOGS))
 
 # ---------------------------------------------------------------- grid searches and comparisons
-# Checks every combination first (writing nothing), runs one `make run` per combination (each freezes its own
+# Checks every combination first (writing nothing), runs the driver once per combination (each freezes its own
 # run directory, so the sweep resumes like a run), then writes the table ranked by the held-out metric.
 # REHEARSAL=1 puts the sweep's runs under RUN_ROOT/rehearsal/ (SWEEP_ROOT replaces the sweep file's output_root).
 SWEEP_ROOT ?= $(if $(filter 1,$(REHEARSAL)),$(PAPER_ROOT)/sweeps/$(basename $(notdir $(SWEEP))))
@@ -216,13 +231,11 @@ SWEEP_OPTS := $(if $(SWEEP_ROOT),--output_root $(SWEEP_ROOT))
 # vLLM replicas of each run: NUM_GPUS whatever LAUNCH trains with (GPUS= empty: the recipes' own; the CPU demo's)
 SWEEP_GPUS = $(if $(filter undefined,$(origin GPUS)),$(NUM_GPUS),$(GPUS))
 SWEEP_MODEL := $(foreach m,zephyr llama3,$(if $(findstring $(m),$(notdir $(SWEEP))),$(call rehearsal_model,$(m))))
+# $(call sweep_runs,SWEEP [--output_root DIR],LAUNCH,GPUS,STAGE_LOGS,ARGS)
+sweep_runs = $(PY) scripts/sweep.py run $(1) $(call driver_options,$(2),$(3),$(4)) $(5)
 sweep: $(VENV)/.installed $(PAPER_NEEDS)
 	@test -n "$(SWEEP)" || { echo "error: make sweep needs SWEEP=path/to/sweep.yaml" >&2; exit 2; }
-	@runs=$$($(PY) scripts/sweep.py expand $(SWEEP) $(SWEEP_OPTS) $(if $(OVERLAY),--overlay $(OVERLAY))) || exit $$?; \
-	while read -r recipe run_dir combo; do \
-	  $(MAKE) --no-print-directory run RECIPE=$$recipe RUN_DIR=$$run_dir ARGS="$$combo $(SWEEP_MODEL) $(ARGS)" OVERLAY=$(OVERLAY) \
-	    LAUNCH="$(or $(LAUNCH),$(ACCELERATE))" GPUS=$(SWEEP_GPUS) || exit $$?; \
-	done <<< "$$runs"
+	+$(call sweep_runs,$(SWEEP) $(SWEEP_OPTS),$(or $(LAUNCH),$(ACCELERATE)),$(SWEEP_GPUS),$(STAGE_LOGS),$(SWEEP_MODEL) $(ARGS))
 	$(PY) scripts/sweep.py table $(SWEEP) $(SWEEP_OPTS)
 
 # Held-out metrics of several runs side by side, their reward distributions and the paper's Fig. 4 (first two runs).

@@ -19,8 +19,8 @@ from selm.errors import SELMError
 
 
 # Under a launcher (accelerate, srun) a stage's error line is followed by the launcher's own report of the failed
-# processes: with this variable set (pipeline.mk does), the stage also writes the line to that file, which the make
-# rule prints again once the launcher has exited, so the cause ends the output.
+# processes: with this variable set (the run driver, selm/run.py, does), the stage also writes the line to that file,
+# which the driver prints again once the launcher has exited, so the cause ends the output.
 ERROR_FILE_ENV = "SELM_ERROR_FILE"
 
 

@@ -4,6 +4,7 @@
     <run_dir>/run_info.json               what ran, where, with which software
     <run_dir>/summary.{json,md,png}       the run's summary; eval_metric.png, eval_rewards.png its figures
     <run_dir>/logs/<stage>.log            a stage's output when the run logs stages to files
+    <run_dir>/.error-<stage>              a launched stage's error line, repeated after its launcher's report
     <iter>/portion.parquet                the iteration's slice of the preference data
     <iter>/generated.parquet              the portion + the start model's responses (generated.shards/ while running)
     <iter>/generate_report.json           what generation dropped and why
@@ -49,8 +50,17 @@ LOGS = "logs"
 COMPARISON_JSON, COMPARISON_MD = "comparison.json", "comparison.md"
 COMPARISON_METRIC_PNG, COMPARISON_REWARDS_PNG = "metric_per_iteration.png", "reward_distributions.png"
 COMPARISON_IMPLICIT_PNG = "implicit_rewards.png"
+ERROR_PREFIX = ".error-"
 ITER_PREFIX = "iter-"
 BASE = "base"
+# Files of a sweep's output root (one run directory per combination beside them).
+SWEEP_TABLE_MD, SWEEP_TABLE_CSV, SWEEP_REWARDS_PNG = "sweep_table.md", "sweep_table.csv", "sweep_rewards.png"
+
+
+def default_run_dir(run_root, recipe) -> Path:
+    """A run's directory when none is named: RUN_ROOT/<recipe's folder>-<recipe's name> (runs/smoke-selm)."""
+    recipe = Path(recipe)
+    return Path(run_root) / f"{recipe.resolve().parent.name}-{recipe.stem}"
 
 
 @dataclass(frozen=True)
@@ -137,8 +147,19 @@ class RunLayout:
     def summary(self, suffix: str = "json") -> Path:
         return self.run_dir / {"json": SUMMARY_JSON, "md": SUMMARY_MD, "png": SUMMARY_PNG}[suffix]
 
+    @property
+    def eval_metric_figure(self) -> Path:
+        return self.run_dir / EVAL_METRIC_PNG
+
+    @property
+    def eval_rewards_figure(self) -> Path:
+        return self.run_dir / EVAL_REWARDS_PNG
+
     def log(self, stage: str) -> Path:
         return self.run_dir / LOGS / f"{stage}.log"
+
+    def error_file(self, stage: str) -> Path:
+        return self.run_dir / f"{ERROR_PREFIX}{stage}"
 
     def iterations_present(self) -> list[tuple[int, Path]]:
         """(k, directory) of the iteration directories under run_dir, in order (a shared iteration 0 first)."""

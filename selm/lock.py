@@ -6,14 +6,17 @@
   name the holder when the lock is busy, and rewritten by each new holder.
 - Re-entrant across a process tree: the holder lists the locks it holds in the environment variable
   SELM_HELD_LOCKS ({lock file: token}); a descendant whose `run_lock` finds the lock busy *and* held under the
-  token its environment names passes without locking again. So `python -m selm.lock RUN_DIR -- make run ...` can
-  wrap a whole run whose stages lock the same directory themselves.
+  token its environment names passes without locking again. The run driver (selm/run.py) holds the run
+  directory's lock from the freeze to the summary, and the stages it launches lock that directory themselves (so a
+  stage run alone is locked too): the environment is the only thing that reaches them through every launcher
+  (accelerate, srun), which close inherited files.
 - accelerate launches its processes as siblings, not as parent and child: only the launch's main process (global
-  RANK 0, or no RANK at all) takes a stage's locks, see `stage_lock`. Under the CLI wrapper they all pass anyway.
+  RANK 0, or no RANK at all) takes a stage's locks, see `stage_lock`.
 
-CLI: `python -m selm.lock DIR [DIR ...] -- COMMAND ...` takes every lock, runs COMMAND as a child (which inherits
-the lock files, so the locks stay held while it runs even if this process is killed alone), forwards SIGINT and
-SIGTERM to it, and exits with its status (128 + N when a signal N ended it). A busy lock: one line, exit 2.
+`run_holding` runs a child that inherits the held lock files, so the locks stay held while it runs even if this
+process is killed alone. CLI: `python -m selm.lock DIR [DIR ...] -- COMMAND ...` takes every lock and runs COMMAND
+that way, forwarding SIGTERM to it, and exits with its status (128 + N when a signal N ended it). A busy lock: one
+line, exit 2.
 """
 
 import contextlib
@@ -172,25 +175,35 @@ def stage_lock(recipe):
 USAGE = "usage: python -m selm.lock DIR [DIR ...] -- COMMAND [ARG ...]"
 
 
+def run_holding(command: list[str], held: list[HeldLock], **popen) -> int:
+    """Run `command` as a child that inherits the files of the `held` locks; its exit status (128 + N when signal N
+    ended it). SIGTERM is forwarded to it. A SIGINT is not: Ctrl-C reaches the child itself (the same process
+    group), once. A SIGINT or SIGTERM received while it ran makes a zero status 128 + N, so a caller stops."""
+    try:
+        child = subprocess.Popen(command, pass_fds=[h.fd for h in held if h.fd is not None], **popen)
+    except OSError as e:
+        raise SELMError(f"cannot run {command[0]!r}: {e.strerror}") from None
+    received = []
+
+    def note(signum, frame):
+        received.append(signum)
+        if signum == signal.SIGTERM:
+            child.send_signal(signum)
+
+    previous = {s: signal.signal(s, note) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        status = child.wait()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    status = 128 - status if status < 0 else status
+    return 128 + received[0] if received and status == 0 else status
+
+
 def run_locked(directories: list[str], command: list[str]) -> int:
     """Run `command` holding the locks of `directories`; its exit status (128 + N when signal N ended it)."""
     with contextlib.ExitStack() as stack:
-        held = [stack.enter_context(run_lock(d)) for d in directories]
-        try:  # the child inherits the lock files: they stay locked while it runs, even if this process dies
-            child = subprocess.Popen(command, pass_fds=[h.fd for h in held if h.fd is not None])
-        except OSError as e:
-            raise SELMError(f"cannot run {command[0]!r}: {e.strerror}") from None
-
-        def forward(signum, frame):
-            child.send_signal(signum)
-
-        previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            status = child.wait()
-        finally:
-            for s, handler in previous.items():
-                signal.signal(s, handler)
-    return 128 - status if status < 0 else status
+        return run_holding(command, [stack.enter_context(run_lock(d)) for d in directories])
 
 
 def main(argv=None) -> int:

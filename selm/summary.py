@@ -1,48 +1,40 @@
 """What each iteration of a run produced, from the artifacts themselves: summary.json, summary.md and summary.png."""
 
 import json
-import re
 from pathlib import Path
 
 from selm.errors import SELMError
 from selm.io import atomic_path, parquet_num_rows, read_parquet, write_text
+from selm.layout import BASE, RunLayout
 
 
-def _shared_iteration_zero(run_dir: Path) -> str | None:
-    """The frozen recipe's shared iteration-0 directory, when the run has one."""
+def run_layout(run_dir) -> RunLayout:
+    """The layout of a run directory, with the frozen recipe's shared iteration-0 directory when it has one."""
     from selm.recipe.parse import iterations_of, load_recipe_yaml
 
-    frozen = run_dir / "recipe.yaml"
+    frozen = RunLayout(run_dir).frozen_recipe
     if not frozen.exists():
-        return None
+        return RunLayout(run_dir)
     recipe = load_recipe_yaml(frozen)
-    # read as the parser reads it ('false' in quotes is false)
-    return recipe.get("iteration_zero_dir") if iterations_of(recipe, str(frozen))[0] == 0 else None
-
-
-def _iteration_dirs(run_dir: Path) -> list[tuple[int, Path]]:
-    found = []
-    for path in run_dir.iterdir():
-        if m := re.fullmatch(r"iter-(\d+)", path.name):
-            found.append((int(m[1]), path.resolve()))
-    shared = _shared_iteration_zero(run_dir)
-    if shared and Path(shared).is_dir() and 0 not in dict(found):
-        found.append((0, Path(shared).resolve()))
-    return sorted(found)
+    # read as the run driver's plan reads it ('false' in quotes is false)
+    shared = recipe.get("iteration_zero_dir") if iterations_of(recipe, str(frozen))[0] == 0 else None
+    return RunLayout(run_dir, iteration_zero_dir=shared or None)
 
 
 def _rows(path: Path) -> int | None:
     return parquet_num_rows(path) if path.exists() else None
 
 
-def iteration_summary(k: int, d: Path) -> dict:
-    out = {"iteration": k, "dir": str(d), "portion_rows": _rows(d / "portion.parquet"), "generated_rows": _rows(d / "generated.parquet"),
-           "ranked_rows": _rows(d / "ranked.parquet"), "model": str(d / "model") if (d / "model").is_dir() else None}
-    report = d / "rank_report.json"
+def iteration_summary(layout: RunLayout, k: int) -> dict:
+    model = layout.model(k).resolve()
+    out = {"iteration": k, "dir": str(layout.iter_dir(k).resolve()), "portion_rows": _rows(layout.portion(k)),
+           "generated_rows": _rows(layout.generated(k)), "ranked_rows": _rows(layout.ranked(k)),
+           "model": str(model) if model.is_dir() else None}
+    report = layout.rank_report(k)
     if report.exists():
         out["rank_report"] = json.loads(report.read_text(encoding="utf-8"))
         out["mean_score"] = out["rank_report"].get("mean_score")
-    log = d / "train_log.json"
+    log = layout.train_log(k)
     if log.exists():
         history = json.loads(log.read_text(encoding="utf-8"))
         steps = [h for h in history if "loss" in h]
@@ -56,8 +48,9 @@ def held_out(run_dir: Path) -> list[dict]:
     from selm.artifacts import read_metrics
     from selm.layout import RunLayout
 
-    found = [("base", RunLayout(run_dir, _shared_iteration_zero(run_dir)).eval_dir("base"))]
-    found += [(k, d / "eval") for k, d in _iteration_dirs(run_dir)]
+    layout = run_layout(run_dir)
+    found = [(BASE, layout.eval_dir(BASE))]
+    found += [(k, layout.eval_dir(k).resolve()) for k, _ in layout.iterations_present()]
     return [{"iteration": k, "dir": str(d), "metrics": m} for k, d in found if (m := read_metrics(d)) is not None]
 
 
@@ -67,22 +60,23 @@ def summarize_run(run_dir) -> dict:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise SELMError(f"run directory not found: {run_dir}")
-    iterations = [iteration_summary(k, d) for k, d in _iteration_dirs(run_dir)]
+    layout = run_layout(run_dir)
+    iterations = [iteration_summary(layout, k) for k, _ in layout.iterations_present()]
     evaluations = held_out(run_dir)
     summary = {"run_dir": str(run_dir), "held_out": [{"iteration": e["iteration"], **_metric_row(e["metrics"])}
                                                      for e in evaluations], "iterations": iterations}
-    write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
-    write_text(run_dir / "summary.md", to_markdown(summary))
-    _plot(run_dir, iterations)
+    write_text(layout.summary("json"), json.dumps(summary, indent=2))
+    write_text(layout.summary("md"), to_markdown(summary))
+    _plot(layout, iterations)
     if evaluations:
         from selm.plots import plot_metric_per_iteration, plot_reward_distributions
 
         name = run_dir.name
-        plot_metric_per_iteration({name: evaluations}, run_dir / "eval_metric.png",
+        plot_metric_per_iteration({name: evaluations}, layout.eval_metric_figure,
                                   title=f"Held-out metric per iteration: {name}")
         plot_reward_distributions({"base model" if e["iteration"] == "base" else f"iteration {e['iteration']}": e["dir"]
                                    for e in evaluations},
-                                  run_dir / "eval_rewards.png", xlabel=evaluations[0]["metrics"]["reward"],
+                                  layout.eval_rewards_figure, xlabel=evaluations[0]["metrics"]["reward"],
                                   title=f"Held-out reward distribution per iteration: {name}")
     return summary
 
@@ -130,16 +124,16 @@ def to_markdown(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _plot(run_dir: Path, iterations: list[dict]) -> None:
+def _plot(layout: RunLayout, iterations: list[dict]) -> None:
     """Score distributions of the ranked candidates per iteration (the paper's reward figures) and loss curves."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ranked = [(it["iteration"], Path(it["dir"]) / "ranked.parquet") for it in iterations]
+    ranked = [(it["iteration"], layout.ranked(it["iteration"])) for it in iterations]
     ranked = [(k, p) for k, p in ranked if p.exists()]
-    logs = [(it["iteration"], Path(it["dir"]) / "train_log.json") for it in iterations]
+    logs = [(it["iteration"], layout.train_log(it["iteration"])) for it in iterations]
     logs = [(k, p) for k, p in logs if p.exists()]
     if not ranked and not logs:
         return
@@ -156,6 +150,6 @@ def _plot(run_dir: Path, iterations: list[dict]) -> None:
         if ax.get_legend_handles_labels()[0]:
             ax.legend()
     fig.tight_layout()
-    with atomic_path(run_dir / "summary.png") as tmp:
+    with atomic_path(layout.summary("png")) as tmp:
         fig.savefig(tmp, format="png", dpi=90)
     plt.close(fig)

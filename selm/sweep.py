@@ -9,8 +9,8 @@
 `{output_root}` in a string value stands for the output root, which `--output_root` (make's SWEEP_ROOT; the CPU
 rehearsal) may move.
 
-`expand` lists one run per combination (run directory and overrides); `make sweep` runs each with `make run`, which
-freezes it (a rerun reuses them: a sweep resumes like a run). `table` collects each run's summary into
+`expand` lists one run per combination (run directory and overrides); `run_sweep` (make sweep) runs each with the run
+driver, which freezes it (a rerun reuses them: a sweep resumes like a run). `table` collects each run's summary into
 output_root/sweep_table.{md,csv}, ranked by the held-out metric (the paper's selection rule).
 """
 
@@ -24,6 +24,7 @@ import yaml
 from selm.recipe.parse import load_recipe_yaml
 from selm.errors import SELMError
 from selm.io import write_text
+from selm.layout import SWEEP_REWARDS_PNG, SWEEP_TABLE_CSV, SWEEP_TABLE_MD
 from selm.summary import held_out, summarize_run
 
 
@@ -74,7 +75,7 @@ def _as_arg(value) -> str:
 
 def expand(path, output_root: str | None = None, overlay: str | None = None) -> list[tuple[str, Path, list[str]]]:
     """(recipe, run dir, overrides) per combination, in grid order, each checked for every iteration (with the overlay
-    make will freeze it with). Writes nothing: every run freezes its own recipe when `make run` starts it (so
+    make will freeze it with). Writes nothing: every run freezes its own recipe when the run driver starts it (so
     `make -n sweep` has no side effects)."""
     from selm.recipe.freeze import check_every_iteration, merge_recipe_sources
 
@@ -91,6 +92,20 @@ def expand(path, output_root: str | None = None, overlay: str | None = None) -> 
         check_every_iteration(merged, f"{path} ({run_dir.name})")  # fail before the first run starts
         out.append((sweep["recipe"], run_dir, args))
     return out
+
+
+def run_sweep(path, output_root: str | None, overlay: str | None, run_options: list[str]) -> int:
+    """Every combination through the run driver (selm/run.py), in grid order, after checking them all; `run_options`
+    (the driver's options and recipe overrides) go to each run after its combination's overrides. Stops at the first
+    run that fails; its exit status."""
+    from selm.run import run
+
+    for recipe, run_dir, overrides in expand(path, output_root, overlay):
+        status = run([recipe, "--run_dir", str(run_dir), *(["--overlay", overlay] if overlay else []), *overrides,
+                      *run_options])
+        if status:
+            return status
+    return 0
 
 
 def table(path, output_root: str | None = None) -> str:
@@ -133,7 +148,7 @@ def table(path, output_root: str | None = None) -> str:
         rows[0][header.index("best")] = "best"
     buf = io.StringIO()
     csv.writer(buf).writerows([header] + rows)
-    write_text(root / "sweep_table.csv", buf.getvalue())
+    write_text(root / SWEEP_TABLE_CSV, buf.getvalue())
     md = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     md += ["| " + " | ".join("-" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v)) for v in r) + " |"
            for r in rows]
@@ -142,8 +157,8 @@ def table(path, output_root: str | None = None) -> str:
         md = [f"Ranked by the held-out metric at iteration {selected} ({first['metric']}); the best is marked.", ""] + md
         plot_reward_distributions({run_dir.name: evaluated[i][selected]["dir"]
                                    for i, (_, run_dir, _) in enumerate(runs) if selected in evaluated[i]},
-                                  root / "sweep_rewards.png", xlabel=first["reward"],
+                                  root / SWEEP_REWARDS_PNG, xlabel=first["reward"],
                                   title=f"Held-out reward distribution per run, iteration {selected}")
     text = "\n".join(md) + "\n"
-    write_text(root / "sweep_table.md", text)
+    write_text(root / SWEEP_TABLE_MD, text)
     return text

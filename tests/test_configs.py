@@ -159,35 +159,6 @@ def test_stage_script_error_is_one_line_and_nonzero(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
-def test_plan_is_what_the_stages_resolve_whatever_overlays_comments_and_args_say(tmp_path):
-    from selm.configs import plan_as_make_words, run_plan
-
-    recipe = write(tmp_path, "model_name_or_path: m\noutput_dir: o\nnum_iterations: 2  # not 3\n"
-                             "# num_iterations: 9\nevaluate: [false, true]\ntensor_parallel_size: 2\n")
-    overlay = tmp_path / "overlay.yaml"
-    overlay.write_text("num_iterations: 3\ndpo_iteration_zero: true\nevaluate: true\n")
-    argv = [str(recipe), "--overlay", str(overlay), "--output_dir", str(tmp_path / "run"), "--tensor_parallel_size", "4"]
-    plan = run_plan(argv + ["--last_iteration", "2"])
-    assert plan["iterations"] == [0, 1, 2] and plan["iteration_zero_dir"] == str(tmp_path / "run" / "iter-0")
-    assert plan["evaluate"] == {0: True, 1: True, 2: True, 3: True} and plan["tensor_parallel_size"][3] == 4
-    words = plan_as_make_words(plan).split()
-    assert "iterations=0,1,2" in words and "evaluate_base=1" in words and "tp_1=4" in words
-    # the stages read the same values from the frozen merge
-    from selm.recipe.freeze import freeze_recipe
-
-    frozen, _ = freeze_recipe(argv)
-    for k in (0, 1, 2, 3):
-        r, _ = parse_recipe([str(frozen), "--iteration", str(k)])
-        assert r.pipeline.iterations == [0, 1, 2, 3] and r.evaluation.evaluate and r.generation.tensor_parallel_size == 4
-    assert run_plan([str(recipe), "--output_dir", str(tmp_path / "run")])["iterations"] == [0, 1, 2, 3]  # frozen wins
-    with pytest.raises(SELMError, match=r"ITER=4: .* has iterations \[0, 1, 2, 3\]"):
-        run_plan(argv + ["--last_iteration", "4"])
-    with pytest.raises(SELMError, match="'num_iterations' is 0; it must be at least 1"):
-        run_plan([str(recipe), "--output_dir", str(tmp_path / "other"), "--num_iterations", "0"])
-    with pytest.raises(SELMError, match="'evaluate' has 2 per-iteration values but the recipe has 3 iterations"):
-        run_plan([str(recipe), "--output_dir", str(tmp_path / "other"), "--num_iterations", "3"])
-
-
 def test_sweep_expands_one_checked_run_per_combination_including_iteration_counts(tmp_path):
     from selm.sweep import expand
 
