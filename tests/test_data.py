@@ -30,6 +30,16 @@ def test_local_formats_load_and_validate(tmp_path, suffix):
     assert len(ds) == 10 and ds[3]["prompt_id"] == rows[3]["prompt_id"] and ds[3]["chosen"] == rows[3]["chosen"]
 
 
+def load_error_from_row_6(tmp_path, rows, mutate) -> tuple[str, str]:
+    """(the file, the error) of loading `rows` after `mutate` spoiled rows 6 onwards."""
+    for r in rows[6:]:
+        mutate(r)
+    path = write_jsonl(tmp_path / "bad.jsonl", rows)
+    with pytest.raises(SELMError) as err:
+        load_preference_data(str(path))
+    return path, str(err.value)
+
+
 @pytest.mark.parametrize("mutate, column, why", [
     (lambda r: r.pop("chosen"), "chosen", "non-empty list"),  # json fills a key missing in some rows with null
     (lambda r: r.update(chosen="just text"), "chosen", "list of"),
@@ -38,13 +48,7 @@ def test_local_formats_load_and_validate(tmp_path, suffix):
     (lambda r: r.update(prompt_id=7), "prompt_id", "expected a string"),
 ])
 def test_malformed_row_names_file_row_and_column(tmp_path, mutate, column, why):
-    rows = fixture_rows(10)
-    for r in rows[6:]:
-        mutate(r)
-    path = write_jsonl(tmp_path / "bad.jsonl", rows)
-    with pytest.raises(SELMError) as err:
-        load_preference_data(str(path))
-    message = str(err.value)
+    path, message = load_error_from_row_6(tmp_path, fixture_rows(10), mutate)
     assert message.startswith(f"{path}: row 6, column '{column}': ") and why in message
 
 
@@ -219,13 +223,7 @@ CONVERSATION_CASES = _conversation_mutations()
 @pytest.mark.parametrize("case", sorted(CONVERSATION_CASES))
 def test_malformed_conversational_row_names_file_row_and_column(tmp_path, case):
     convert, mutate, column, why = CONVERSATION_CASES[case]
-    rows = [convert(r) for r in fixture_rows(10)]
-    for r in rows[6:]:
-        mutate(r)
-    path = write_jsonl(tmp_path / "bad.jsonl", rows)
-    with pytest.raises(SELMError) as err:
-        load_preference_data(str(path))
-    message = str(err.value)
+    path, message = load_error_from_row_6(tmp_path, [convert(r) for r in fixture_rows(10)], mutate)
     assert message.startswith(f"{path}: row 6, column '{column}': ") and why in message, message
     assert "\n" not in message
 
