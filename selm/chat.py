@@ -106,7 +106,9 @@ def dry_run_preview(recipe, stage: str) -> str:
 
     p = recipe.pipeline
     reads_portion = stage == "generate" or recipe.is_generation_free
-    own = recipe.iter_dir() / ("portion.parquet" if reads_portion else "ranked.parquet")
+    from selm import layout
+
+    own = recipe.iter_dir() / (layout.PORTION if reads_portion else layout.RANKED)
     try:
         if own.is_file():
             from selm.data import read_parquet_dataset

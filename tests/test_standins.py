@@ -1,5 +1,5 @@
 """The offline stand-ins of the paper models' tokenizers (selm/standins) against their reference tokenizers:
-sentencepiece for Zephyr (Mistral v1), tiktoken for Llama 3, and the facts of the hub files (DESIGN.md §9)."""
+sentencepiece for Zephyr (Mistral v1), tiktoken for Llama 3, and the facts of the hub files (docs/tokenizers.md)."""
 
 import json
 

@@ -1,4 +1,4 @@
-"""Stand-ins of the tokenizer files of the paper's two models, with tiny random models behind them (DESIGN.md §9).
+"""Stand-ins of the tokenizer files of the paper's two models, with tiny random models behind them (docs/tokenizers.md).
 
 - `zephyr`: HuggingFaceH4/mistral-7b-sft-beta. Mistral-7B-v0.1's sentencepiece model (mistral-common's
   `tokenizer.model.v1`, 32,000 pieces) as the hub ships it: `tokenizer.model`, a `tokenizer.json` with the legacy
