@@ -297,6 +297,7 @@ def test_non_finite_gradient_on_one_rank_stops_every_process(launcher, tmp_path,
     """DDP reduces the gradients and DeepSpeed the norm before the check, so all ranks stop at the same step (no
     hang); DDP's weights stay those of step 2; ZeRO-3 reports DeepSpeed's skipped step (norm set to inf)."""
     import os
+    import re
     import subprocess
     import sys
 
@@ -310,8 +311,11 @@ def test_non_finite_gradient_on_one_rank_stops_every_process(launcher, tmp_path,
     out = tmp_path / "out"
     result = subprocess.run([sys.executable, *launch, str(script), str(tiny_model_dir), str(out)], cwd=REPO,
                             env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=300)
-    stops = [line for line in result.stdout.splitlines() if " stopped: training stopped at step 3 " in line]
-    assert sorted(line.split(" stopped")[0] for line in stops) == ["rank 0", "rank 1"], result.stderr[-3000:]
+    # The two ranks share one pipe: a line of one may be written into the middle of the other's, so find the stops
+    # in the whole output, each up to the next rank's stop or the end of its line.
+    stops = re.findall(r"(rank \d) stopped: (training stopped at step 3 .*?)(?=rank \d stopped:|\n|$)", result.stdout)
+    assert sorted(rank for rank, _ in stops) == ["rank 0", "rank 1"], result.stderr[-3000:]
+    stops = [message for _, message in stops]
     assert result.returncode != 0 and (out / "checkpoint-2").is_dir() and not (out / "checkpoint-3").exists()
     if launcher == "ddp":
         assert result.stdout.count("weights unchanged: True") == 2
