@@ -193,14 +193,6 @@ def run_until(args, marker, log: Path, timeout=600, before_kill=None) -> bool:
     return False
 
 
-def launched(run: Path, stage: str, iteration: int) -> bool:
-    """run_info.json records a launch of `stage` for `iteration` (written atomically: whole or absent)."""
-    path = run / "run_info.json"
-    if not path.exists():
-        return False
-    return any(r["stage"] == stage and r["iteration"] == iteration for r in json.loads(path.read_text())["launches"])
-
-
 @pytest.mark.slow
 def test_a_run_killed_in_every_stage_resumes_without_redoing_finished_stages(finished_smoke, tmp_path, monkeypatch):
     """SIGKILL of the whole process group during iteration 2's generation, then (rerun) its ranking, then its
