@@ -1,0 +1,92 @@
+"""The markdown of `make benchmark` (benchmarks/demo_benchmark.py): benchmark.md and diagnostics.md."""
+
+
+def fmt(d: dict | None, digits: int = 4) -> str:
+    if d is None:
+        return "–"
+    if d["std"] is None:
+        return f"{d['mean']:.{digits}f}"
+    return f"{d['mean']:.{digits}f} ± {d['std']:.{digits}f}"
+
+
+def ci(d: dict) -> str:
+    return f"[{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}]" if d["ci95"] else "(one seed: no interval)"
+
+
+def verdict(d: dict) -> str:
+    if not d["ci95"]:
+        return "one seed: no interval"
+    if d["ci95"][0] > 0:
+        return "better: the interval excludes 0"
+    if d["ci95"][1] < 0:
+        return "worse: the interval excludes 0"
+    return "no difference shown: the interval includes 0"
+
+
+def _count(d: dict | None) -> str:
+    return "–" if d is None else f"{d['mean']:,.0f}"
+
+
+def to_markdown(result: dict, sweep: list[dict] | None) -> str:
+    seeds, last, methods = result["seeds"], result["last_iteration"], result["methods"]
+    label = {m["name"]: m["label"] for m in methods}
+    base = result["baseline"]
+    lines = [f"# Methods on the sorting task ({len(seeds)} seeds: {', '.join(map(str, seeds))})", "",
+             "Held-out mean true reward of greedy answers, mean ± standard deviation over seeds "
+             "(base = the SFT model every method starts from):", "",
+             "| iteration | " + " | ".join(label[m["name"]] for m in methods) + " |", "|---|" + "---|" * len(methods)]
+    for it in result["iterations"]:
+        lines.append(f"| {it} | " + " | ".join(fmt(result["per_iteration"][it][m["name"]]) for m in methods) + " |")
+    lines += ["", f"Paired difference against {label[base]} (method − {label[base]}, per seed, then mean and 95% t "
+              "interval over seeds):", "",
+              "| method | " + " | ".join(f"iteration {it}" for it in result["iterations"] if it != "base")
+              + " | at the last iteration |", "|---|" + "---|" * len(result["iterations"])]
+    for m, by_it in result["paired_difference"].items():
+        cells = [f"{by_it[it]['mean']:+.4f} {ci(by_it[it])}" for it in result["iterations"] if it != "base"]
+        lines.append(f"| {label[m]} | " + " | ".join(cells) + f" | {verdict(by_it[last])} |")
+    lines += ["", "Cost per run (mean over seeds, all iterations; ranker calls = candidates scored in the rank stage, "
+              "the evaluations' scoring not counted; training tokens = the trainer's `num_tokens`; seconds = the "
+              "stage processes' wall time, interpreter start included, two runs at a time on 2 shared cores):", "",
+              "| method | generated responses | ranker calls | training tokens | generate s | rank s | train s "
+              "| evaluate s | all stages s |", "|---|---|---|---|---|---|---|---|---|"]
+    for m in methods:
+        c = result["costs"][m["name"]]
+        lines.append(f"| {label[m['name']]} | {_count(c['generated_responses'])} | {_count(c['ranker_calls'])} | "
+                     f"{_count(c['training_tokens'])} | "
+                     + " | ".join(f"{c[f'{st}_seconds']['mean']:.0f}" for st in ("generate", "rank", "train", "evaluate"))
+                     + f" | {c['total_seconds']['mean']:.0f} |")
+    lines += ["", f"Per seed at iteration {last}:", "", "| seed | " + " | ".join(label[m["name"]] for m in methods) + " |",
+              "|---|" + "---|" * len(methods)]
+    for s in seeds:
+        lines.append(f"| {s} | " + " | ".join(f"{result['per_seed'][m['name']][s][last]:.4f}" for m in methods) + " |")
+    if sweep:
+        lines += ["", f"Alpha sweep (seed {seeds[0]}, held-out metric at the last iteration; α = 0 is iterative DPO):",
+                  "", "| α | mean ± s.e. | win rate | empty answers | mean answer tokens |", "|---|---|---|---|---|"]
+        for r in sweep:
+            lines.append(f"| {r['alpha']:g} | {r['mean']:.4f} ± {r['sem']:.4f} | {r['win_rate']:.3f} | "
+                         f"{r['empty_answers']} / {r['num_prompts']} | {r['mean_answer_tokens']:.1f} |")
+    lines += ["", "Exploration diagnostics per iteration: diagnostics.md."]
+    return "\n".join(lines) + "\n"
+
+
+def diagnostics_markdown(result: dict) -> str:
+    s, label = result["kl_settings"], {m["name"]: m["label"] for m in result["methods"]}
+    lines = [f"# Exploration diagnostics per iteration ({len(result['seeds'])} seeds; mean ± std over seeds)", "",
+             "- generated chosen: share of the ranked rows whose chosen response is a generated one;",
+             "- true reward: mean exact reward (recomputed, not the ranker's score) of all generated responses, of "
+             "the chosen and of the rejected responses of the ranked rows;",
+             "- distinct of n: distinct responses among a prompt's n samples (n > 1 only);",
+             "- held-out distinct: distinct greedy answers a held-out prompt received from base to iteration K; "
+             "new: share of held-out prompts whose iteration-K answer no earlier evaluation gave;",
+             f"- KL(π_K ‖ π_K−1): {s['estimator']}; {s['prompts']} prompts × {s['samples_per_prompt']} samples "
+             f"= {s['prompts'] * s['samples_per_prompt']} per iteration and run (selm/policy_kl.py).", ""]
+    for m, by_it in result["diagnostics"].items():
+        lines += [f"## {label[m]}", "", "| iter | generated chosen | true reward generated | chosen | rejected "
+                  "| distinct of n | held-out distinct | new held-out answers | KL(π_K ‖ π_K−1) |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for it, d in by_it.items():
+            lines.append(f"| {it} | " + " | ".join(fmt(d[k], 3) for k in (
+                "generated_chosen", "true_generated", "true_chosen", "true_rejected", "distinct_samples",
+                "held_out_distinct", "held_out_new", "kl_previous")) + " |")
+        lines.append("")
+    return "\n".join(lines)
