@@ -37,7 +37,7 @@ T_975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 
 ALPHA_POINTS = ("dpo", "selm")  # the methods whose seed runs are the α = 0 and α = 0.01 points of the sweep
 STAGES = ("generate", "rank", "train", "evaluate")
 COSTS = ("generated_responses", "ranker_calls", "training_tokens")
-DIAGNOSTICS = ("generated_chosen", "true_generated", "true_chosen", "true_rejected", "distinct_samples",
+DIAGNOSTICS = ("generated_chosen", "kept", "true_generated", "true_chosen", "true_rejected", "distinct_samples",
                "held_out_distinct", "held_out_new", "kl_previous")
 
 
@@ -118,7 +118,8 @@ def _flat(row: dict) -> dict:
     """One iteration's diagnostics as plain numbers (None where a diagnostic does not apply)."""
     true = row.get("true_reward") or {}
     kl = row.get("kl_previous")
-    return {"generated_chosen": row["generated_chosen"], "true_generated": true.get("generated"),
+    return {"generated_chosen": row["generated_chosen"], "kept": row.get("kept"),
+            "true_generated": true.get("generated"),
             "true_chosen": true.get("chosen"), "true_rejected": true.get("rejected"),
             "distinct_samples": row["distinct_samples"], "held_out_distinct": row["held_out_distinct"],
             "held_out_new": row["held_out_new"], "kl_previous": kl["kl"] if kl else None,

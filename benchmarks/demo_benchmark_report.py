@@ -1,6 +1,12 @@
 """The markdown of `make benchmark` (benchmarks/demo_benchmark.py): benchmark.md and diagnostics.md."""
 
 
+HEADERS = {"generated_chosen": "generated chosen", "kept": "kept", "true_generated": "true reward generated",
+           "true_chosen": "chosen", "true_rejected": "rejected", "distinct_samples": "distinct of n",
+           "held_out_distinct": "held-out distinct", "held_out_new": "new held-out answers",
+           "kl_previous": "KL(π_K ‖ π_K−1)"}
+
+
 def fmt(d: dict | None, digits: int = 4) -> str:
     if d is None:
         return "–"
@@ -72,7 +78,8 @@ def to_markdown(result: dict, sweep: list[dict] | None) -> str:
 def diagnostics_markdown(result: dict) -> str:
     s, label = result["kl_settings"], {m["name"]: m["label"] for m in result["methods"]}
     lines = [f"# Exploration diagnostics per iteration ({len(result['seeds'])} seeds; mean ± std over seeds)", "",
-             "- generated chosen: share of the ranked rows whose chosen response is a generated one;",
+             "- generated chosen: share of the ranked rows whose chosen response is a generated one (ReST: 1 by "
+             "construction; kept = the share of generated responses its filter kept);",
              "- true reward: mean exact reward (recomputed, not the ranker's score) of all generated responses, of "
              "the chosen and of the rejected responses of the ranked rows;",
              "- distinct of n: distinct responses among a prompt's n samples (n > 1 only);",
@@ -81,12 +88,12 @@ def diagnostics_markdown(result: dict) -> str:
              f"- KL(π_K ‖ π_K−1): {s['estimator']}; {s['prompts']} prompts × {s['samples_per_prompt']} samples "
              f"= {s['prompts'] * s['samples_per_prompt']} per iteration and run (selm/policy_kl.py).", ""]
     for m, by_it in result["diagnostics"].items():
-        lines += [f"## {label[m]}", "", "| iter | generated chosen | true reward generated | chosen | rejected "
-                  "| distinct of n | held-out distinct | new held-out answers | KL(π_K ‖ π_K−1) |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+        keys = [k for k in ("generated_chosen", "kept", "true_generated", "true_chosen", "true_rejected",
+                            "distinct_samples", "held_out_distinct", "held_out_new", "kl_previous")
+                if k != "kept" or any(d["kept"] for d in by_it.values())]
+        lines += [f"## {label[m]}", "", "| iter | " + " | ".join(HEADERS[k] for k in keys) + " |",
+                  "|---|" + "---|" * len(keys)]
         for it, d in by_it.items():
-            lines.append(f"| {it} | " + " | ".join(fmt(d[k], 3) for k in (
-                "generated_chosen", "true_generated", "true_chosen", "true_rejected", "distinct_samples",
-                "held_out_distinct", "held_out_new", "kl_previous")) + " |")
+            lines.append(f"| {it} | " + " | ".join(fmt(d[k], 3) for k in keys) + " |")
         lines.append("")
     return "\n".join(lines)

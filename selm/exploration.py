@@ -2,7 +2,8 @@
 
 Per iteration K (iter-K/generated.parquet, ranked.parquet, ranking_dropped.parquet, train_log.json, eval/):
 - generated_chosen: the share of the ranked rows whose chosen response is a generated one (candidate index < the
-  row's generated count; the dataset's own pair, when it is among the candidates, comes after them);
+  row's generated count; the dataset's own pair, when it is among the candidates, comes after them); for ReST,
+  kept: the share of generated responses its filter kept;
 - true_reward: mean true reward of the generated responses (all of them), of the chosen and of the rejected
   responses of the ranked rows, recomputed with the true reward function (the recipe's `oracle_reward`, or the one
   given), not read from the ranker's scores;
@@ -11,7 +12,7 @@ Per iteration K (iter-K/generated.parquet, ranked.parquet, ranking_dropped.parqu
   prompt received from the base model and iterations 1..K's evaluations; held_out_new: the share of held-out
   prompts whose iteration-K answer none of the earlier evaluations gave;
 - kl_previous: KL(π_K ‖ π_{K−1}) on the first held-out prompts (selm/policy_kl.py: estimator and sample count);
-- costs: generated responses, ranker calls (candidates scored: every score of ranked + dropped rows), training
+- costs: generated responses, ranker calls (candidates scored: generated rows × candidates per row), training
   tokens (the trainer's `num_tokens`), wall seconds per stage (run_info.json; generate, rank, train, evaluate).
 
 Written to <run_dir>/exploration.{json,md}; the JSON is reused while the KL settings are the same.
@@ -45,23 +46,31 @@ def generated_count(generated_rows: list[dict], path) -> int:
     return counts.pop()
 
 
-def ranking_diagnostics(run: layout.RunLayout, k: int, reward) -> dict:
-    """The ranking-side diagnostics of iteration k (see the module docstring); reward None: no true reward."""
+def ranking_diagnostics(run: layout.RunLayout, k: int, reward, update_rule: str = "best_worst") -> dict:
+    """The ranking-side diagnostics of iteration k (see the module docstring); reward None: no true reward.
+
+    ReST (`update_rule: rest`) writes one ranked row per kept response (its chosen; its rejected trains nothing):
+    there, generated_chosen is 1 by construction, `kept` is the share of generated responses kept, and the
+    rejected responses' reward is not reported."""
     generated = _rows(run.generated(k))
     ranked = _rows(run.ranked(k))
     if not generated or not ranked:
         raise SELMError(f"{run.iter_dir(k)}: no {layout.GENERATED} or {layout.RANKED} (iteration {k} not ranked yet)")
     n = generated_count(generated, run.generated(k))
+    rest = update_rule == "rest"
     responses = [(r["chosen"][:-1], r["responses"] if r.get("responses") is not None else [r["reference_response"]])
                  for r in generated]
     out = {"iteration": k, "rows_generated": len(generated), "rows_ranked": len(ranked), "num_responses": n,
-           "generated_chosen": _mean(r["chosen_index"] < n for r in ranked),
+           # num_generated: written by rankers that may leave the dataset's pair out (else it is n)
+           "generated_chosen": _mean(r["chosen_index"] < r.get("num_generated", n) for r in ranked),
+           "kept": len(ranked) / (len(generated) * n) if rest else None,
            "distinct_samples": _mean(len(set(rs)) for _, rs in responses) if n > 1 else None}
     if reward is not None:
         out["true_reward"] = {
             "generated": _mean(reward(p, y) for p, rs in responses for y in rs),
             "chosen": _mean(reward(r["chosen"][:-1], r["chosen"][-1]["content"]) for r in ranked),
-            "rejected": _mean(reward(r["rejected"][:-1], r["rejected"][-1]["content"]) for r in ranked)}
+            "rejected": None if rest else _mean(reward(r["rejected"][:-1], r["rejected"][-1]["content"])
+                                                for r in ranked)}
     return out
 
 
@@ -94,16 +103,21 @@ def answer_diversity(answers: dict, k: int) -> dict:
 
 
 def iteration_costs(run: layout.RunLayout, k: int) -> dict:
-    """Generated responses, ranker calls and training tokens of iteration k."""
+    """Generated responses, ranker calls and training tokens of iteration k. Ranker calls: every generated row's
+    candidates are scored once (ReST may write a row several times: the candidates per row come from the ranked
+    rows, the row count from generated.parquet)."""
     generated = _rows(run.generated(k))
-    scored = _rows(run.ranked(k), ["scores"]) + _rows(run.ranking_dropped(k), ["scores"])
+    per_row = {len(r["candidates"]) for r in _rows(run.ranked(k), ["candidates"])
+               + _rows(run.ranking_dropped(k), ["candidates"])}
+    if len(per_row) > 1:
+        raise SELMError(f"{run.ranked(k)}: rows hold different numbers of candidates {sorted(per_row)}")
     tokens = None
     if run.train_log(k).exists():
         logged = [h["num_tokens"] for h in json.loads(run.train_log(k).read_text(encoding="utf-8"))
                   if "num_tokens" in h]
         tokens = int(max(logged)) if logged else None
     return {"generated_responses": len(generated) * generated_count(generated, run.generated(k)) if generated else 0,
-            "ranker_calls": sum(len(r["scores"]) for r in scored), "training_tokens": tokens}
+            "ranker_calls": len(generated) * per_row.pop() if per_row else 0, "training_tokens": tokens}
 
 
 def true_reward_function(recipe, spec: str | None):
@@ -155,8 +169,9 @@ def run_diagnostics(run_dir, kl_prompts: int = KL_PROMPTS, kl_samples: int = KL_
     base_rows = _rows(run.eval_answers(layout.BASE), ["prompt"])[:kl_prompts] if kl_prompts else []
     rows = []
     for k in iterations:
-        row = {**ranking_diagnostics(run, k, reward), **answer_diversity(answers, k), **iteration_costs(run, k)}
         recipe = _recipe(run_dir, k)
+        row = {**ranking_diagnostics(run, k, reward, recipe.ranking.update_rule), **answer_diversity(answers, k),
+               **iteration_costs(run, k)}
         if base_rows and Path(recipe.trained_model).is_dir():
             from selm.policy_kl import estimate_kl
 
@@ -188,7 +203,8 @@ def to_markdown(result: dict) -> str:
     for r in result["iterations"]:
         tr = r.get("true_reward") or {}
         kl = r.get("kl_previous")
-        lines.append(f"| {r['iteration']} | {_f(r['generated_chosen'])} | "
+        kept = f" (kept {r['kept']:.3f})" if r.get("kept") is not None else ""
+        lines.append(f"| {r['iteration']} | {_f(r['generated_chosen'])}{kept} | "
                      + " / ".join(_f(tr.get(g)) for g in ("generated", "chosen", "rejected"))
                      + f" | {_f(r['distinct_samples'], 2)} of {r['num_responses']} | {_f(r['held_out_distinct'], 2)} "
                      f"| {_f(r['held_out_new'])} | {_f(kl['kl'], 4) + ' ± ' + _f(kl['sem'], 4) if kl else '–'} "

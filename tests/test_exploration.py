@@ -77,6 +77,24 @@ def test_ranking_diagnostics_without_the_dataset_pair(tmp_path):
     assert d["generated_chosen"] == 1.0 and d["true_reward"]["chosen"] == 1.0 and d["true_reward"]["rejected"] == 0.0
 
 
+def test_rest_rows_one_per_kept_response(tmp_path):
+    """ReST writes a ranked row per kept response: the kept share, and each prompt's candidates scored once."""
+    run = RunLayout(tmp_path / "run")
+    _write(run.generated(1), [
+        {"prompt": "a", "prompt_id": "a", "chosen": _msg("a", "x"), "rejected": _msg("a", "y"),
+         "reference_response": "good", "responses": ["good", "ok", "bad"]},
+        {"prompt": "b", "prompt_id": "b", "chosen": _msg("b", "x"), "rejected": _msg("b", "y"),
+         "reference_response": "bad", "responses": ["bad", "bad", "bad"]}])
+    kept = [{**_ranked_row("a", ["good", "ok", "bad"], [1.0, 0.5, 0.0], i, 2), "num_generated": 3} for i in (0, 1)]
+    _write(run.ranked(1), kept)
+    _write(run.ranking_dropped(1), [{**_ranked_row("b", ["bad", "bad", "bad"], [0, 0, 0], 0, 2), "num_generated": 3,
+                                     "reason": "below_threshold"}])
+    d = ranking_diagnostics(run, 1, good_reward, update_rule="rest")
+    assert d["kept"] == pytest.approx(2 / 6) and d["generated_chosen"] == 1.0
+    assert d["true_reward"]["chosen"] == pytest.approx(0.75) and d["true_reward"]["rejected"] is None
+    assert iteration_costs(run, 1)["ranker_calls"] == 2 * 3  # not 3 rows x 3: prompt a was scored once
+
+
 def test_costs_by_hand(tiny_run):
     c = iteration_costs(tiny_run, 1)
     assert c == {"generated_responses": 3 * 2, "ranker_calls": 4 + 4 + 4, "training_tokens": 250}
