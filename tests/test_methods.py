@@ -1,0 +1,174 @@
+"""The other online methods (docs/methods.md): RSO's sampler (statistically), best-of-n candidates, ReST's filter,
+the keys each method accepts and refuses."""
+
+import json
+import math
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from selm.errors import SELMError
+from selm.methods import rest_keep, rso_pair, rso_sample
+from selm.ranking import rank_rows
+from selm.recipe.parse import parse_recipe
+
+from test_ranking import TableScorer, generated_rows, run_rank, write_generated
+
+DRAWS = 20000
+
+
+def binomial_bound(p: float, n: int = DRAWS) -> float:
+    """4 binomial standard errors of a frequency over n draws (a false failure about once in 15,000 runs)."""
+    return 4 * math.sqrt(p * (1 - p) / n)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# RSO
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("scores, beta", [([0.0, 1.0, 2.0, 0.5, 2.0], 1.0), ([3.0, -1.0, 0.2, 0.0], 0.5)])
+def test_rso_first_pass_accepts_each_candidate_with_probability_exp_r_minus_rmax_over_beta(scores, beta):
+    # With as many samples asked as there are candidates, the first pass visits every candidate: its acceptance
+    # frequency is the sampler's acceptance probability.
+    rng = np.random.default_rng(1234)
+    accepted = np.zeros(len(scores))
+    for _ in range(DRAWS):
+        for i in rso_sample(scores, beta, rng, num_samples=len(scores))[0]:
+            accepted[i] += 1
+    expected = [math.exp((s - max(scores)) / beta) for s in scores]
+    for frequency, p in zip(accepted / DRAWS, expected):
+        assert abs(frequency - p) <= binomial_bound(p) + 1e-12, (frequency, p)
+
+
+def test_rso_pair_distribution_matches_the_algorithm_worked_by_hand():
+    # Candidates 0, 1, 2 with scores 0, 1, 2 and beta 1: first-pass acceptance e^-2, e^-1, 1 in that order, stopping
+    # at the second acceptance; if only candidate 2 is accepted, the second pass has r_max 1 over {0, 1}: e^-1, 1.
+    scores, p0, p1 = [0.0, 1.0, 2.0], math.exp(-2), math.exp(-1)
+    exact = {(1, 0): p0 * p1,
+             (2, 0): p0 * (1 - p1) + (1 - p0) * (1 - p1) * math.exp(-1),
+             (2, 1): (1 - p0) * p1 + (1 - p0) * (1 - p1) * (1 - math.exp(-1))}
+    rng = np.random.default_rng(7)
+    counts = {pair: 0 for pair in exact}
+    for _ in range(DRAWS):
+        counts[rso_pair(scores, 1.0, rng)] += 1  # (chosen, rejected): the higher score first
+    assert sum(exact.values()) == pytest.approx(1.0)
+    for pair, p in exact.items():
+        assert abs(counts[pair] / DRAWS - p) <= binomial_bound(p), (pair, counts[pair] / DRAWS, p)
+
+
+def test_rso_needs_two_candidates_and_labels_ties_by_index():
+    with pytest.raises(SELMError, match="at least 2 candidates"):
+        rso_sample([1.0], 1.0, np.random.default_rng(0))
+    assert rso_pair([5.0, 5.0], 1.0, np.random.default_rng(0)) == (0, 1)
+
+
+def rso_rows(num_rows=40):
+    rows = generated_rows(num_rows, lambda i, row: [f"a{i}", f"b{i}", f"c{i}"])
+    table = [[float(i % 5), 1.0, 2.0, 0.5, float(i % 3)] for i in range(num_rows)]
+    return rows, table
+
+
+def test_rso_rank_rows_is_seeded_by_seed_iteration_and_row():
+    rows, table = rso_rows()
+
+    def pairs(seed):
+        kept, dropped, _ = rank_rows(rows, TableScorer(table), "rso", "keep", rso_beta=1.0, rso_seed=seed)
+        assert not dropped
+        return [(r["chosen_index"], r["rejected_index"]) for r in kept]
+
+    first = pairs((10, 1))
+    assert pairs((10, 1)) == first  # a rerun (or a resumed stage) draws the same pairs
+    assert pairs((10, 2)) != first and pairs((11, 1)) != first
+    for (chosen, rejected), scores in zip(first, table):
+        assert chosen != rejected and scores[chosen] >= scores[rejected]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# best-of-n: candidates: generated
+# ---------------------------------------------------------------------------------------------------------------
+def test_generated_candidates_rank_only_the_responses_and_the_report_counts_them():
+    rows = generated_rows(4, lambda i, row: ["x", "y", "" if i == 3 else "z"])
+    table = [[1.0, 3.0, 2.0], [0.0, 0.0, 5.0], [2.0, 2.0, 2.0], [4.0, 1.0, 0.0]]
+    kept, dropped, report = rank_rows(rows, TableScorer(table), "best_worst", "drop", candidates="generated")
+    assert [(r["chosen_index"], r["rejected_index"]) for r in kept] == [(1, 0), (2, 1), (0, 2)]
+    assert [r["reason"] for r in dropped] == ["tie"]
+    assert all(r["num_generated"] == 3 and len(r["candidates"]) == 3 for r in kept + dropped)
+    assert report["generated_chosen"] == report["generated_rejected"] == 3 and report["generated_neither"] == 0
+    assert report["empty_generations"] == 1 and report["empty_generation_chosen"] == 0
+    assert report["mean_score"]["generated"] == pytest.approx(sum(map(sum, table)) / 12)
+    assert report["mean_score"]["original_chosen"] is None
+    # the paper's candidates: the dataset's pair is there and counts as not generated
+    table = [[1.0, 3.0, 2.0, 9.0, 0.0]] * 4
+    kept, _, report = rank_rows(rows, TableScorer(table), "best_worst", "drop")
+    assert all(r["chosen_index"] == 3 and r["num_generated"] == 3 for r in kept)
+    assert report["generated_chosen"] == 0 and report["generated_neither"] == 4
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ReST
+# ---------------------------------------------------------------------------------------------------------------
+def test_rest_keeps_exactly_the_responses_at_or_above_the_threshold():
+    assert rest_keep([0.2, 0.5, 0.9, 0.5], 0.5) == [1, 2, 3]
+    assert rest_keep([0.2, 0.4], 0.5) == []
+    rows = generated_rows(3, lambda i, row: [f"a{i}", f"b{i}", f"c{i}"])
+    table = [[0.9, 0.1, 0.5], [0.2, 0.3, 0.4], [0.5, 0.7, 0.6]]
+    kept, dropped, report = rank_rows(rows, TableScorer(table), "rest", "drop", candidates="generated",
+                                      rest_threshold=0.5)
+    assert [r["chosen"][-1]["content"] for r in kept] == ["a0", "c0", "a2", "b2", "c2"]
+    assert [r["rejected_index"] for r in kept] == [1, 1, 0, 0, 0]  # each row's worst response
+    assert [(r["prompt_id"], r["reason"]) for r in dropped] == [(rows[1]["prompt_id"], "below_threshold")]
+    assert report["rest_responses_kept"] == report["rows_out"] == 5 and report["rest_prompts_kept"] == 2
+    assert report["rest_threshold"] == 0.5 and report["dropped_by_reason"] == {"below_threshold": 1}
+
+
+def test_rest_stage_with_a_threshold_no_response_passes_is_one_line(smoke_recipe, capsys):
+    recipe = smoke_recipe(update_rule="rest", candidates="generated", alpha=0.0, rest_threshold=[5.0, 5.0])
+    generated, _ = write_generated(recipe, num_rows=6)
+    with pytest.raises(SystemExit):
+        run_rank(recipe)
+    err = capsys.readouterr().err
+    assert "iteration 1: no generated response scores >= rest_threshold 5.0 (the best scores 1.0)" in err
+    assert not (generated.parent / "ranked.parquet").exists()
+    assert json.loads((generated.parent / "rank_report.json").read_text())["rest_responses_kept"] == 0
+
+
+def test_rest_stage_writes_one_row_per_kept_response(smoke_recipe):
+    recipe = smoke_recipe(update_rule="rest", candidates="generated", alpha=0.0, rest_threshold=[1.0, 0.0])
+    generated, rows = write_generated(recipe, num_rows=9)  # every third answer is right (oracle reward 1)
+    assert run_rank(recipe) == 0
+    ranked = pq.read_table(generated.parent / "ranked.parquet").to_pylist()
+    assert [r["prompt_id"] for r in ranked] == [rows[i]["prompt_id"] for i in (0, 3, 6)]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The keys each method takes (one line each)
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("overrides, message", [
+    (dict(update_rule="rso", candidates="generated", rso_beta=1.0, num_responses=1),
+     "'update_rule' rso draws 2 of the candidates, but candidates: generated with num_responses 1"),
+    (dict(update_rule="rso"), "'update_rule' rso needs 'rso_beta'"),
+    (dict(update_rule="best_worst", rso_beta=1.0), "'rso_beta' is set but 'update_rule' is best_worst"),
+    (dict(update_rule="rso", rso_beta=0.0), "'rso_beta' is 0.0; it must be > 0"),
+    (dict(update_rule="rest", candidates="generated", alpha=0.0), "'update_rule' rest needs 'rest_threshold'"),
+    (dict(update_rule="rest", rest_threshold=0.5, alpha=0.0), "rest keeps generated responses only"),
+    (dict(update_rule="rest", candidates="generated", rest_threshold=0.5, alpha=0.1), "'alpha' is 0.1; set alpha: 0"),
+    (dict(update_rule="rest", candidates="generated", rest_threshold=[0.1, 0.2, 0.3], alpha=0.0),
+     "'rest_threshold' has 3 per-iteration values but the recipe has 2 iterations"),
+    (dict(update_rule="replace", candidates="generated"), "needs the dataset's pair among the candidates"),
+    (dict(loss_type="hinge", alpha=0.1), "supports only DPO's sigmoid loss"),
+    (dict(reference_model="fixed"), "'reference_model' is 'fixed'; expected one of"),
+])
+def test_method_settings_are_refused_in_one_line(smoke_recipe, overrides, message):
+    recipe = smoke_recipe(**overrides)
+    with pytest.raises(SELMError) as error:
+        parse_recipe([str(recipe), "--iteration", "1"])
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_method_settings_that_are_accepted(smoke_recipe):
+    recipe = smoke_recipe(update_rule="rest", candidates="generated", rest_threshold=[0.5, 0.75], alpha=0.0)
+    assert parse_recipe([str(recipe), "--iteration", "2"])[0].ranking.rest_threshold == 0.75
+    recipe = smoke_recipe(update_rule="rso", rso_beta=0.5, candidates="generated", num_responses=2, temperature=1.0,
+                          alpha=0.0, loss_type="hinge")
+    parsed = parse_recipe([str(recipe), "--iteration", "1"])[0]
+    assert parsed.ranking.rso_beta == 0.5 and parsed.pipeline.reference_model == "previous_iteration"
