@@ -81,6 +81,9 @@ def check_method_settings(recipe) -> None:
         if alpha > 0 and not recipe.is_generation_free:
             raise SELMError(f"{source}: 'update_rule' rest trains with the supervised loss, which has no optimism "
                             f"term: 'alpha' is {alpha}; set alpha: 0")
+        from selm.rest_training import check_rest_keys
+
+        check_rest_keys(recipe)
     loss_types = recipe.training.get("loss_type") or ["sigmoid"]
     loss_types = [loss_types] if isinstance(loss_types, str) else list(loss_types)
     if loss_types != ["sigmoid"] and alpha > 0:

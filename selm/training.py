@@ -120,14 +120,18 @@ def train_stage(recipe, launch=None) -> None:
                         "must be a full model, since the next iteration starts from it")
     from selm.artifacts import start_model
 
+    from selm.rest_training import build_sft_trainer, is_rest, load_sft_data, sft_config
+
+    rest = is_rest(recipe)  # ReST: the supervised loss on the kept responses (selm/rest_training.py)
     start = start_model(recipe)  # before the trainer's imports and any model load
-    args = recipe.training_config()  # before any model: under ZeRO-3 it must exist for from_pretrained to shard
+    # before any model: under ZeRO-3 it must exist for from_pretrained to shard
+    args = sft_config(recipe) if rest else recipe.training_config()
     if args.n_gpu > 1:  # trl refuses nn.DataParallel, deep inside; say what to do instead, before loading anything
         raise SELMError(f"{args.n_gpu} GPUs are visible to one process: launch training with accelerate, e.g. "
                         "make run ... LAUNCH=\"accelerate launch --config_file recipes/accelerate_configs/"
                         "deepspeed_zero3.yaml --num_processes N\" (the named targets do this), or set CUDA_VISIBLE_DEVICES")
-    dataset = load_training_data_once(recipe, args)
-    trainer, tokenizer = _build_trainer(recipe, args, start, dataset)
+    dataset = load_sft_data(recipe, args) if rest else load_training_data_once(recipe, args)
+    trainer, tokenizer = (build_sft_trainer if rest else _build_trainer)(recipe, args, start, dataset)
     if launch is not None:
         from selm.run_info import launcher_info
 

@@ -121,8 +121,20 @@ def test_rest_keeps_exactly_the_responses_at_or_above_the_threshold():
     assert report["rest_threshold"] == 0.5 and report["dropped_by_reason"] == {"below_threshold": 1}
 
 
+def rest_recipe(smoke_recipe, **overrides):
+    """The smoke recipe as a ReST recipe: alpha 0, generated candidates, no preference-only training key."""
+    import yaml
+
+    from selm.rest_training import DPO_ONLY
+
+    path = smoke_recipe(update_rule="rest", candidates="generated", alpha=0.0, **overrides)
+    recipe = {k: v for k, v in yaml.safe_load(path.read_text()).items() if k not in DPO_ONLY}
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
 def test_rest_stage_with_a_threshold_no_response_passes_is_one_line(smoke_recipe, capsys):
-    recipe = smoke_recipe(update_rule="rest", candidates="generated", alpha=0.0, rest_threshold=[5.0, 5.0])
+    recipe = rest_recipe(smoke_recipe, rest_threshold=[5.0, 5.0])
     generated, _ = write_generated(recipe, num_rows=6)
     with pytest.raises(SystemExit):
         run_rank(recipe)
@@ -133,11 +145,45 @@ def test_rest_stage_with_a_threshold_no_response_passes_is_one_line(smoke_recipe
 
 
 def test_rest_stage_writes_one_row_per_kept_response(smoke_recipe):
-    recipe = smoke_recipe(update_rule="rest", candidates="generated", alpha=0.0, rest_threshold=[1.0, 0.0])
+    recipe = rest_recipe(smoke_recipe, rest_threshold=[1.0, 0.0])
     generated, rows = write_generated(recipe, num_rows=9)  # every third answer is right (oracle reward 1)
     assert run_rank(recipe) == 0
     ranked = pq.read_table(generated.parent / "ranked.parquet").to_pylist()
     assert [r["prompt_id"] for r in ranked] == [rows[i]["prompt_id"] for i in (0, 3, 6)]
+
+
+def test_rest_trains_the_start_model_on_the_kept_responses_with_the_loss_on_the_completion_only(smoke_recipe,
+                                                                                                tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    from selm.cli import run_stage
+    from selm.recipe.parse import parse_recipe
+    from selm.rest_training import build_sft_trainer, load_sft_data, sft_config
+    from selm.training import train_stage
+
+    recipe_path = rest_recipe(smoke_recipe, rest_threshold=[1.0, 0.0])
+    generated, rows = write_generated(recipe_path, num_rows=48)  # 16 right answers are kept
+    assert run_rank(recipe_path) == 0
+    recipe = parse_recipe([str(recipe_path), "--iteration", "1"])[0]
+    args = sft_config(recipe)
+    assert type(args).__name__ == "SFTConfig" and args.completion_only_loss and args.learning_rate == 5.0e-4
+    trainer, _ = build_sft_trainer(recipe, args, str(tiny_model_dir), load_sft_data(recipe, args))
+    batch = next(iter(trainer.get_train_dataloader()))
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    kept = {r["chosen"][-1]["content"] for r in rows[::3]}
+    for ids, labels in zip(batch["input_ids"], batch["labels"]):
+        trained = tokenizer.decode(ids[labels != -100])
+        text = tokenizer.decode(ids[batch["attention_mask"][0].new_ones(len(ids)).bool()])
+        assert any(trained.startswith(answer) for answer in kept), trained  # the completion, not the prompt
+        assert "user" not in trained and len(trained) < len(text)
+
+    assert run_stage("train", train_stage, [str(recipe_path), "--iteration", "1"]) == 0
+    run = recipe_path.parent / "run" / "iter-1"
+    assert (run / "model" / "config.json").is_file()
+    import json as json_
+
+    steps = [h for h in json_.loads((run / "train_log.json").read_text()) if "loss" in h]
+    assert len(steps) == 1  # 16 kept responses at the global batch of 16: one optimizer step
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -152,6 +198,8 @@ def test_rest_stage_writes_one_row_per_kept_response(smoke_recipe):
     (dict(update_rule="rest", candidates="generated", alpha=0.0), "'update_rule' rest needs 'rest_threshold'"),
     (dict(update_rule="rest", rest_threshold=0.5, alpha=0.0), "rest keeps generated responses only"),
     (dict(update_rule="rest", candidates="generated", rest_threshold=0.5, alpha=0.1), "'alpha' is 0.1; set alpha: 0"),
+    (dict(update_rule="rest", candidates="generated", rest_threshold=0.5, alpha=0.0),
+     "'max_prompt_length' is a preference-loss key; update_rule rest trains with the supervised loss"),
     (dict(update_rule="rest", candidates="generated", rest_threshold=[0.1, 0.2, 0.3], alpha=0.0),
      "'rest_threshold' has 3 per-iteration values but the recipe has 2 iterations"),
     (dict(update_rule="replace", candidates="generated"), "needs the dataset's pair among the candidates"),
@@ -166,7 +214,7 @@ def test_method_settings_are_refused_in_one_line(smoke_recipe, overrides, messag
 
 
 def test_method_settings_that_are_accepted(smoke_recipe):
-    recipe = smoke_recipe(update_rule="rest", candidates="generated", rest_threshold=[0.5, 0.75], alpha=0.0)
+    recipe = rest_recipe(smoke_recipe, rest_threshold=[0.5, 0.75])
     assert parse_recipe([str(recipe), "--iteration", "2"])[0].ranking.rest_threshold == 0.75
     recipe = smoke_recipe(update_rule="rso", rso_beta=0.5, candidates="generated", num_responses=2, temperature=1.0,
                           alpha=0.0, loss_type="hinge")

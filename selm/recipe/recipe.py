@@ -105,8 +105,9 @@ class Recipe:
     def effective_global_batch(self) -> int:
         return int(self.training["per_device_train_batch_size"]) * self.num_processes * self.gradient_accumulation_steps()
 
-    def training_config(self, **overrides):
-        """The `SELMConfig` of this iteration: its learning rate, derived accumulation, checkpoints under iter-K."""
+    def training_config(self, config_class=None, **overrides):
+        """The `SELMConfig` of this iteration: its learning rate, derived accumulation, checkpoints under iter-K.
+        `config_class` (ReST: trl's SFTConfig) takes the values among its own fields instead."""
         values = dict(self.training)
         values["output_dir"] = str(self.layout.checkpoints(self.iteration))  # the trainer's output_dir
         values["gradient_accumulation_steps"] = self.gradient_accumulation_steps()
@@ -114,7 +115,9 @@ class Recipe:
             # trl would name the repository after the output dir, "checkpoints", for every iteration of every run
             values["hub_model_id"] = f"{self.run_dir.name}-iter-{self.iteration}"
         values.update(overrides)
-        return _selm_config_class()(**values)
+        config_class = config_class or _selm_config_class()
+        names = {f.name for f in dataclasses.fields(config_class) if f.init}
+        return config_class(**{k: v for k, v in values.items() if k in names})
 
     def to_dict(self) -> dict:
         """The resolved configuration, for `--dry_run` and the frozen `train_config.yaml`."""
