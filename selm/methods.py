@@ -1,5 +1,5 @@
-"""The other online methods' rules (docs/methods.md): RSO's rejection sampler, ReST's filter, the reference choice,
-and the cross-key checks that say which settings each method accepts.
+"""The other online methods' rules (docs/methods.md): RSO's rejection sampler, ReST's filter, and the cross-key
+checks that say which settings each method accepts (the reference choice is `Recipe.reference_model`).
 
 - RSO (Liu et al., "Statistical Rejection Sampling Improves Preference Optimization", Algorithm 1): over the
   candidates not accepted yet, r_max is their highest score; each one in candidate order is accepted with
@@ -90,10 +90,3 @@ def check_method_settings(recipe) -> None:
         raise SELMError(f"{source}: 'loss_type' is {loss_types}; the SELM loss (alpha {alpha} > 0) supports only "
                         "DPO's sigmoid loss (hinge etc. run with alpha: 0, through trl's DPOTrainer)")
 
-
-def reference_model_path(recipe) -> str:
-    """π_ref of an iteration: its start model (previous_iteration, SELM's π_{t−1}) or the run's base model (initial,
-    the fixed π_0). Training and the implicit rewards of the evaluation both ask this."""
-    if recipe.pipeline.reference_model == "initial":
-        return recipe.model.model_name_or_path
-    return recipe.start_model

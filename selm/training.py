@@ -2,9 +2,10 @@
 
 Reads iter-K/ranked.parquet (or, for iteration 0 of a dpo_iteration_zero recipe, the original pairs of the first
 portion). Policy and reference both start from the previous iteration's model (the base model for the first
-iteration). Writes iter-K/model/ (model + tokenizer, renamed into place when complete), iter-K/train_config.yaml and
-iter-K/train_log.json. Checkpoints go to iter-K/checkpoints/; a rerun resumes from the last complete one, and an
-iteration whose model exists is not retrained.
+iteration); with `reference_model: initial` the reference is the base model in every iteration. Writes iter-K/model/
+(model + tokenizer, renamed into place when complete), iter-K/train_config.yaml and iter-K/train_log.json.
+Checkpoints go to iter-K/checkpoints/; a rerun resumes from the last complete one, and an iteration whose model
+exists is not retrained.
 """
 
 import json
@@ -161,9 +162,13 @@ def _build_trainer(recipe, args, start: str, dataset):
         write_text(recipe.iter_dir() / layout.TRAIN_CONFIG, recipe.to_yaml())
     tokenizer = AutoTokenizer.from_pretrained(start, trust_remote_code=args.trust_remote_code)
     policy = load_model(start, recipe.model, args.trust_remote_code)
-    # The reference is the iteration's start model. trl would otherwise reload the *base* path. With precomputed
-    # reference log-probs the policy itself, before its first step, is that model: no second copy is loaded.
-    ref_model = None if args.precompute_ref_log_probs else load_model(start, recipe.model, args.trust_remote_code)
+    # The reference (recipe key reference_model): the start model, or the fixed base model. trl would otherwise
+    # reload the *base* path. With precomputed reference log-probs and the start model as the reference the policy
+    # itself, before its first step, is that model: no second copy is loaded.
+    reference = recipe.reference_model
+    same = reference == start
+    ref_model = None if args.precompute_ref_log_probs and same else load_model(reference, recipe.model,
+                                                                                args.trust_remote_code)
     trainer = SELMTrainer(policy, ref_model=ref_model, args=args, train_dataset=dataset, processing_class=tokenizer)
     return trainer, tokenizer
 

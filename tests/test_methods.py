@@ -220,3 +220,77 @@ def test_method_settings_that_are_accepted(smoke_recipe):
                           alpha=0.0, loss_type="hinge")
     parsed = parse_recipe([str(recipe), "--iteration", "1"])[0]
     assert parsed.ranking.rso_beta == 0.5 and parsed.pipeline.reference_model == "previous_iteration"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# reference_model
+# ---------------------------------------------------------------------------------------------------------------
+def completion_logps_by_hand(model_dir, rows):
+    """Token-summed log-probs of each row's chosen_ids after its prompt_ids, from one plain forward each."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    out = []
+    with torch.no_grad():
+        for row in rows:
+            ids = torch.tensor([row["prompt_ids"] + row["chosen_ids"]])
+            logprobs = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), dim=-1)
+            targets = ids[0, 1:]
+            start = len(row["prompt_ids"]) - 1
+            out.append(logprobs[start:].gather(1, targets[start:, None]).sum().item())
+    return out
+
+
+@pytest.mark.parametrize("reference", ["initial", "previous_iteration"])
+def test_iteration_two_trains_against_the_reference_the_key_names(smoke_recipe, tiny_model_dir, reference,
+                                                                 monkeypatch):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from selm.artifacts import start_model
+    from selm.training import _build_trainer, load_training_data
+    from test_train_script import write_ranked
+
+    recipe_path = smoke_recipe(reference_model=reference)  # precompute_ref_log_probs: true, as the demo recipes
+    run = recipe_path.parent / "run"
+    previous = AutoModelForCausalLM.from_pretrained(tiny_model_dir)  # iteration 1's model: the base, moved
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in previous.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    previous.save_pretrained(run / "iter-1" / "model")
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(run / "iter-1" / "model")
+    write_ranked(run, iteration=2)
+
+    recipe = parse_recipe([str(recipe_path), "--iteration", "2"])[0]
+    assert recipe.reference_model == str(tiny_model_dir if reference == "initial" else run / "iter-1" / "model")
+    args = recipe.training_config()
+    trainer, _ = _build_trainer(recipe, args, start_model(recipe), load_training_data(recipe, args.alpha))
+    rows = trainer.train_dataset.select(range(6)).to_list()
+    stored = [r["ref_chosen_logps"] for r in rows]
+    base, moved = completion_logps_by_hand(tiny_model_dir, rows), completion_logps_by_hand(run / "iter-1" / "model", rows)
+    expected, other = (base, moved) if reference == "initial" else (moved, base)
+    assert stored == pytest.approx(expected, abs=1e-3)
+    assert min(abs(a - b) for a, b in zip(stored, other)) > 1e-2  # the two references really differ
+    policy = dict(trainer.model.named_parameters())  # the policy starts from iteration 1's model either way
+    assert all(torch.equal(policy[name], p) for name, p in previous.named_parameters())
+
+    # The implicit rewards (Fig. 4) score iteration 2's model against the same reference.
+    import shutil
+
+    from selm import evaluation
+
+    shutil.copytree(run / "iter-1" / "model", run / "iter-2" / "model")
+    scored = []
+
+    def fake_logps(recipe, model_path, data):
+        scored.append(model_path)
+        return {"row": list(range(len(data))), "prompt_id": data["prompt_id"], "chosen": [0.0] * len(data),
+                "rejected": [0.0] * len(data)}
+
+    monkeypatch.setattr(evaluation, "completion_logps", fake_logps)
+    table = evaluation.implicit_rewards(parse_recipe([str(recipe_path), "--iteration", "2"])[0])
+    assert scored == [str(run / "iter-2" / "model"), str(tiny_model_dir if reference == "initial"
+                                                          else run / "iter-1" / "model")]
+    assert table.num_rows > 0

@@ -74,6 +74,14 @@ class Recipe:
         return str(self.layout.model(self.iteration - 1))
 
     @property
+    def reference_model(self) -> str:
+        """π_ref of this iteration (recipe key reference_model), the one rule training and the implicit rewards
+        follow: the start model (previous_iteration, SELM's π_{t−1}) or the base model (initial, the fixed π_0)."""
+        if self.pipeline.reference_model == "initial":
+            return self.model.model_name_or_path
+        return self.start_model
+
+    @property
     def trained_model(self) -> str:
         """The model this iteration produces (for `--iteration base`: the base model itself)."""
         return self.model.model_name_or_path if self.base else str(self.layout.model(self.iteration))
@@ -139,6 +147,7 @@ class Recipe:
             "iterations": self.pipeline.iterations,
             "run_dir": str(self.run_dir),
             "start_model": self.start_model,
+            "reference_model": self.reference_model,
             "portion": f"{self.portion_index + 1} of {self.num_portions}",
             "num_processes": self.num_processes,
             "effective_global_batch": self.effective_global_batch,
