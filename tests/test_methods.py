@@ -294,3 +294,48 @@ def test_iteration_two_trains_against_the_reference_the_key_names(smoke_recipe, 
     assert scored == [str(run / "iter-2" / "model"), str(tiny_model_dir if reference == "initial"
                                                           else run / "iter-1" / "model")]
     assert table.num_rows > 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The recipes
+# ---------------------------------------------------------------------------------------------------------------
+METHOD_RECIPES = {  # recipe: (the keys that differ from its dpo.yaml besides output_dir and comments, method keys)
+    "recipes/demo/best_of_n.yaml": dict(temperature=0.3, num_responses=4, candidates="generated"),
+    "recipes/demo/rso.yaml": dict(temperature=0.3, num_responses=4, candidates="generated", update_rule="rso",
+                                  rso_beta=0.1),
+    "recipes/demo/rest.yaml": dict(temperature=0.3, num_responses=4, candidates="generated", update_rule="rest",
+                                   rest_threshold=[0.5, 0.6, 0.7], on_tie=None, max_prompt_length=None,
+                                   precompute_ref_log_probs=None),
+    "recipes/demo/dpo_fixed_ref.yaml": dict(reference_model="initial"),
+    "recipes/zephyr-7b-sft/best_of_n.yaml": dict(temperature=1.0, num_responses=4, candidates="generated"),
+    "recipes/llama-3-8b-instruct/best_of_n_rm.yaml": dict(
+        temperature=1.0, num_responses=8, candidates="generated", ranker="reward_model",
+        ranker_model_name_or_path="sfairXC/FsfairX-LLaMA3-RM-v0.1", ranker_max_length=2048, pairrm_dtype=None),
+}
+
+
+@pytest.mark.parametrize("recipe", sorted(METHOD_RECIPES))
+def test_method_recipes_are_their_dpo_recipe_with_the_method_keys_and_make_plans_them(recipe, tmp_path):
+    import subprocess
+
+    import yaml
+
+    from conftest import REPO
+
+    method = yaml.safe_load((REPO / recipe).read_text())
+    dpo = yaml.safe_load((REPO / recipe).with_name("dpo.yaml").read_text())
+    differing = {k: method.get(k) for k in method.keys() | dpo.keys() if method.get(k) != dpo.get(k)}
+    assert differing.pop("output_dir") != dpo["output_dir"]
+    assert differing == METHOD_RECIPES[recipe]
+    iterations = [0, 1, 2, 3] if method.get("dpo_iteration_zero") else [1, 2, 3]
+    for k in iterations:  # every iteration resolves (per-iteration lists, the method's cross-key checks)
+        processes = "1" if "demo" in recipe else "8"
+        parsed = parse_recipe([str(REPO / recipe), "--iteration", str(k), "--num_processes", processes])[0]
+        assert parsed.training["alpha"] == 0.0
+    plan = subprocess.run(["make", "-n", "run", f"RECIPE={recipe}", f"RUN_DIR={tmp_path / 'run'}"], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert plan.returncode == 0, plan.stderr[-2000:]
+    for k in (1, 2, 3):
+        for stage in ("generate", "rank", "train", "evaluate"):
+            assert f"scripts/{stage}.py {tmp_path / 'run' / 'recipe.yaml'} --iteration {k}" in plan.stdout
+    assert not (tmp_path / "run").exists()  # a plan writes nothing
