@@ -3,6 +3,8 @@
 The kept responses of iter-K/ranked.parquet (one row each: the prompt and its kept response as `chosen`) are
 fine-tuned on with trl's `SFTTrainer`, conversational prompt-completion rows on the model's chat template, the loss on
 the completion tokens only (completion_only_loss), from the iteration's start model (the previous iteration's).
+The rows are tokenized by selm/chat.py's rule (the one generation and DPO training use: one BOS where the tokenizer
+adds one), and handed to SFTTrainer as input_ids + completion_mask, from which it builds its labels.
 The training keys are the recipe's, as for DPO, minus the preference-only ones (DPO_ONLY: refused when set).
 """
 
@@ -50,8 +52,10 @@ def build_sft_trainer(recipe, args, start: str, dataset):
     """(SFTTrainer, tokenizer) on the iteration's start model; train_config.yaml written first, as for DPO."""
     from transformers import AutoTokenizer
     from trl import SFTTrainer
+    from trl.data_utils import common_prefix_length
 
     from selm import layout
+    from selm.chat import ConversationTokens
     from selm.io import write_text
     from selm.models import load_model
 
@@ -61,4 +65,13 @@ def build_sft_trainer(recipe, args, start: str, dataset):
     if tokenizer.chat_template is None:
         raise SELMError(f"{start}: the tokenizer has no chat template; ReST's supervised loss trains on it")
     policy = load_model(start, recipe.model, args.trust_remote_code)
+    tokens = ConversationTokens(tokenizer)
+
+    def tokenize(row):  # the completion starts where prompt and prompt + completion diverge, as trl finds it
+        prompt = tokens.encode(row["prompt"], add_generation_prompt=True)
+        full = tokens.encode(row["prompt"] + row["completion"])
+        start = common_prefix_length(prompt, full)
+        return {"input_ids": full, "completion_mask": [0] * start + [1] * (len(full) - start)}
+
+    dataset = dataset.map(tokenize, remove_columns=dataset.column_names, desc="Tokenizing (selm.chat)")
     return SFTTrainer(policy, args=args, train_dataset=dataset, processing_class=tokenizer), tokenizer

@@ -186,6 +186,24 @@ def test_rest_trains_the_start_model_on_the_kept_responses_with_the_loss_on_the_
     assert len(steps) == 1  # 16 kept responses at the global batch of 16: one optimizer step
 
 
+@pytest.mark.parametrize("name, first", [("zephyr", "<s>"), ("llama3", "<|begin_of_text|>")])
+def test_rest_rows_start_with_one_bos_as_generation_and_dpo_training_do(name, first, paper_standin, smoke_recipe):
+    from transformers import AutoTokenizer
+
+    from selm.rest_training import build_sft_trainer, load_sft_data, sft_config
+
+    model = str(paper_standin(name))
+    recipe_path = rest_recipe(smoke_recipe, rest_threshold=[1.0, 0.0], model_name_or_path=model)
+    write_generated(recipe_path, num_rows=9)
+    assert run_rank(recipe_path) == 0
+    recipe = parse_recipe([str(recipe_path), "--iteration", "1"])[0]
+    args = sft_config(recipe)
+    trainer, _ = build_sft_trainer(recipe, args, model, load_sft_data(recipe, args))
+    bos = AutoTokenizer.from_pretrained(model).convert_tokens_to_ids(first)
+    for row in trainer.train_dataset:
+        assert row["input_ids"][0] == bos and row["input_ids"].count(bos) == 1
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The keys each method takes (one line each)
 # ---------------------------------------------------------------------------------------------------------------
