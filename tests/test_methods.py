@@ -62,6 +62,25 @@ def test_rso_needs_two_candidates_and_labels_ties_by_index():
     assert rso_pair([5.0, 5.0], 1.0, np.random.default_rng(0)) == (0, 1)
 
 
+@pytest.mark.parametrize("loss_type, expected", [("hinge", 1.0), ("sigmoid", math.log(2))])
+def test_rso_pairs_train_with_trls_hinge_loss_at_alpha_zero(smoke_recipe, loss_type, expected):
+    # Before the first step the policy is its reference: every margin is 0, so the hinge loss max(0, 1 - beta * 0)
+    # is 1 and the sigmoid loss -log(sigmoid(0)) is log 2.
+    from selm.artifacts import start_model
+    from selm.training import _build_trainer, load_training_data
+    from test_train_script import write_ranked
+
+    recipe_path = smoke_recipe(alpha=0.0, loss_type=loss_type, update_rule="rso", rso_beta=1.0)
+    write_ranked(recipe_path.parent / "run", with_reference=False)
+    recipe = parse_recipe([str(recipe_path), "--iteration", "1"])[0]
+    args = recipe.training_config()
+    trainer, _ = _build_trainer(recipe, args, start_model(recipe), load_training_data(recipe, args.alpha))
+    batch = next(iter(trainer.get_train_dataloader()))
+    # hinge: trl's own DPO path, where loss_type is implemented (sigmoid pairs may take the SELM path, alpha 0)
+    assert ("sequence_group" in batch) == (loss_type == "sigmoid")
+    assert trainer.compute_loss(trainer.model, batch).item() == pytest.approx(expected, abs=1e-5)
+
+
 def rso_rows(num_rows=40):
     rows = generated_rows(num_rows, lambda i, row: [f"a{i}", f"b{i}", f"c{i}"])
     table = [[float(i % 5), 1.0, 2.0, 0.5, float(i % 3)] for i in range(num_rows)]
