@@ -22,6 +22,7 @@ SETTINGS_NOT_CHANGING_ITERATION_ZERO = {
     "output_dir", "report_to", "logging_steps", "run_name", "save_steps", "save_total_limit", "push_to_hub",
     "hub_model_id", "hub_private_repo",
     "prefix_sharing",  # packing changes speed, not the result
+    "reference_model",  # iteration 0's reference is the base model either way
 }
 
 

@@ -376,3 +376,20 @@ def test_method_recipes_are_their_dpo_recipe_with_the_method_keys_and_make_plans
         for stage in ("generate", "rank", "train", "evaluate"):
             assert f"scripts/{stage}.py {tmp_path / 'run' / 'recipe.yaml'} --iteration {k}" in plan.stdout
     assert not (tmp_path / "run").exists()  # a plan writes nothing
+
+
+def test_a_shared_iteration_zero_is_shared_whatever_reference_model_says(smoke_recipe, tmp_path):
+    # iteration 0 trains against the base model under either choice: the fixed-reference run reuses it
+    from selm.training import check_shared_iteration_zero
+
+    shared = tmp_path / "shared-iter0"
+    common = dict(dpo_iteration_zero=True, learning_rate=[5.0e-4, 5.0e-4, 2.0e-4], iteration_zero_dir=str(shared),
+                  alpha=0.0)
+    first = parse_recipe([str(smoke_recipe(**common)), "--iteration", "0"])[0]
+    shared.mkdir()
+    (shared / "train_config.yaml").write_text(first.to_yaml(), encoding="utf-8")
+    fixed = smoke_recipe(**common, reference_model="initial", output_dir=str(tmp_path / "fixed"))
+    check_shared_iteration_zero(parse_recipe([str(fixed), "--iteration", "0"])[0])
+    other = smoke_recipe(**common, reference_model="initial", beta=0.05, output_dir=str(tmp_path / "other"))
+    with pytest.raises(SELMError, match=r"other settings \(training.beta\)"):
+        check_shared_iteration_zero(parse_recipe([str(other), "--iteration", "0"])[0])
