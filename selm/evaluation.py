@@ -217,7 +217,8 @@ def _evaluate(recipe, engine_kwargs, progress) -> dict:
 # ---------------------------------------------------------------------------------------------------------------
 def implicit_rewards(recipe) -> "pyarrow.Table":  # noqa: F821
     """r(x, y) = β·(log πθ(y|x) − log πref(y|x)) for the chosen and rejected answer of every held-out pair, with πθ
-    this iteration's model and πref its starting model, token-summed log-probs computed by the trainer's own code.
+    this iteration's model and πref the reference it trained against (reference_model: its starting model or the
+    base model), token-summed log-probs computed by the trainer's own code.
 
     Cached in <iter-K>/eval/implicit_rewards.parquet (atomic); rows dropped by the trainer's length rules are absent,
     so each row keeps its position in the held-out split (`row`), which pairs it with another run's (ids may repeat).
@@ -234,7 +235,7 @@ def implicit_rewards(recipe) -> "pyarrow.Table":  # noqa: F821
         raise SELMError("implicit rewards compare an iteration's model with its starting model; the base model has none")
     from selm.artifacts import trained_model
 
-    policy_path, reference_path = trained_model(recipe), recipe.start_model
+    policy_path, reference_path = trained_model(recipe), recipe.reference_model  # the π_ref it trained against
     rows = load_eval_rows(recipe)
     data = rows.map(lambda r, i: {**to_trainer_format(r), "prompt_id": r["prompt_id"], "row": i}, with_indices=True,
                     remove_columns=rows.column_names, desc="Trainer format")

@@ -2,9 +2,10 @@
 
 Reads iter-K/ranked.parquet (or, for iteration 0 of a dpo_iteration_zero recipe, the original pairs of the first
 portion). Policy and reference both start from the previous iteration's model (the base model for the first
-iteration). Writes iter-K/model/ (model + tokenizer, renamed into place when complete), iter-K/train_config.yaml and
-iter-K/train_log.json. Checkpoints go to iter-K/checkpoints/; a rerun resumes from the last complete one, and an
-iteration whose model exists is not retrained.
+iteration); with `reference_model: initial` the reference is the base model in every iteration. Writes iter-K/model/
+(model + tokenizer, renamed into place when complete), iter-K/train_config.yaml and iter-K/train_log.json.
+Checkpoints go to iter-K/checkpoints/; a rerun resumes from the last complete one, and an iteration whose model
+exists is not retrained.
 """
 
 import json
@@ -21,6 +22,7 @@ SETTINGS_NOT_CHANGING_ITERATION_ZERO = {
     "output_dir", "report_to", "logging_steps", "run_name", "save_steps", "save_total_limit", "push_to_hub",
     "hub_model_id", "hub_private_repo",
     "prefix_sharing",  # packing changes speed, not the result
+    "reference_model",  # iteration 0's reference is the base model either way
 }
 
 
@@ -120,14 +122,18 @@ def train_stage(recipe, launch=None) -> None:
                         "must be a full model, since the next iteration starts from it")
     from selm.artifacts import start_model
 
+    from selm.rest_training import build_sft_trainer, is_rest, load_sft_data, sft_config
+
+    rest = is_rest(recipe)  # ReST: the supervised loss on the kept responses (selm/rest_training.py)
     start = start_model(recipe)  # before the trainer's imports and any model load
-    args = recipe.training_config()  # before any model: under ZeRO-3 it must exist for from_pretrained to shard
+    # before any model: under ZeRO-3 it must exist for from_pretrained to shard
+    args = sft_config(recipe) if rest else recipe.training_config()
     if args.n_gpu > 1:  # trl refuses nn.DataParallel, deep inside; say what to do instead, before loading anything
         raise SELMError(f"{args.n_gpu} GPUs are visible to one process: launch training with accelerate, e.g. "
                         "make run ... LAUNCH=\"accelerate launch --config_file recipes/accelerate_configs/"
                         "deepspeed_zero3.yaml --num_processes N\" (the named targets do this), or set CUDA_VISIBLE_DEVICES")
-    dataset = load_training_data_once(recipe, args)
-    trainer, tokenizer = _build_trainer(recipe, args, start, dataset)
+    dataset = load_sft_data(recipe, args) if rest else load_training_data_once(recipe, args)
+    trainer, tokenizer = (build_sft_trainer if rest else _build_trainer)(recipe, args, start, dataset)
     if launch is not None:
         from selm.run_info import launcher_info
 
@@ -157,9 +163,13 @@ def _build_trainer(recipe, args, start: str, dataset):
         write_text(recipe.iter_dir() / layout.TRAIN_CONFIG, recipe.to_yaml())
     tokenizer = AutoTokenizer.from_pretrained(start, trust_remote_code=args.trust_remote_code)
     policy = load_model(start, recipe.model, args.trust_remote_code)
-    # The reference is the iteration's start model. trl would otherwise reload the *base* path. With precomputed
-    # reference log-probs the policy itself, before its first step, is that model: no second copy is loaded.
-    ref_model = None if args.precompute_ref_log_probs else load_model(start, recipe.model, args.trust_remote_code)
+    # The reference (recipe key reference_model): the start model, or the fixed base model. trl would otherwise
+    # reload the *base* path. With precomputed reference log-probs and the start model as the reference the policy
+    # itself, before its first step, is that model: no second copy is loaded.
+    reference = recipe.reference_model
+    same = reference == start
+    ref_model = None if args.precompute_ref_log_probs and same else load_model(reference, recipe.model,
+                                                                                args.trust_remote_code)
     trainer = SELMTrainer(policy, ref_model=ref_model, args=args, train_dataset=dataset, processing_class=tokenizer)
     return trainer, tokenizer
 

@@ -192,7 +192,9 @@ def test_sweep_expands_one_checked_run_per_combination_including_iteration_count
     ("PipelineConfig", "portion_split", ["contiguous", "shuffled"]),
     ("GenerationArguments", "generation_backend", ["vllm", "hf"]),
     ("RankingArguments", "ranker", ["pairrm", "reward_model", "oracle"]),
-    ("RankingArguments", "update_rule", ["best_worst", "replace", "original"]),
+    ("RankingArguments", "update_rule", ["best_worst", "replace", "original", "rso", "rest"]),
+    ("RankingArguments", "candidates", ["generated_and_pair", "generated"]),
+    ("PipelineConfig", "reference_model", ["previous_iteration", "initial"]),
     ("RankingArguments", "on_tie", ["drop", "keep"]),
     ("RankingArguments", "pairrm_dtype", ["float32", "float16"]),
 ])

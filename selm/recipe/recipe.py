@@ -74,6 +74,14 @@ class Recipe:
         return str(self.layout.model(self.iteration - 1))
 
     @property
+    def reference_model(self) -> str:
+        """π_ref of this iteration (recipe key reference_model), the one rule training and the implicit rewards
+        follow: the start model (previous_iteration, SELM's π_{t−1}) or the base model (initial, the fixed π_0)."""
+        if self.pipeline.reference_model == "initial":
+            return self.model.model_name_or_path
+        return self.start_model
+
+    @property
     def trained_model(self) -> str:
         """The model this iteration produces (for `--iteration base`: the base model itself)."""
         return self.model.model_name_or_path if self.base else str(self.layout.model(self.iteration))
@@ -105,8 +113,9 @@ class Recipe:
     def effective_global_batch(self) -> int:
         return int(self.training["per_device_train_batch_size"]) * self.num_processes * self.gradient_accumulation_steps()
 
-    def training_config(self, **overrides):
-        """The `SELMConfig` of this iteration: its learning rate, derived accumulation, checkpoints under iter-K."""
+    def training_config(self, config_class=None, **overrides):
+        """The `SELMConfig` of this iteration: its learning rate, derived accumulation, checkpoints under iter-K.
+        `config_class` (ReST: trl's SFTConfig) takes the values among its own fields instead."""
         values = dict(self.training)
         values["output_dir"] = str(self.layout.checkpoints(self.iteration))  # the trainer's output_dir
         values["gradient_accumulation_steps"] = self.gradient_accumulation_steps()
@@ -114,7 +123,9 @@ class Recipe:
             # trl would name the repository after the output dir, "checkpoints", for every iteration of every run
             values["hub_model_id"] = f"{self.run_dir.name}-iter-{self.iteration}"
         values.update(overrides)
-        return _selm_config_class()(**values)
+        config_class = config_class or _selm_config_class()
+        names = {f.name for f in dataclasses.fields(config_class) if f.init}
+        return config_class(**{k: v for k, v in values.items() if k in names})
 
     def to_dict(self) -> dict:
         """The resolved configuration, for `--dry_run` and the frozen `train_config.yaml`."""
@@ -136,6 +147,7 @@ class Recipe:
             "iterations": self.pipeline.iterations,
             "run_dir": str(self.run_dir),
             "start_model": self.start_model,
+            "reference_model": self.reference_model,
             "portion": f"{self.portion_index + 1} of {self.num_portions}",
             "num_processes": self.num_processes,
             "effective_global_batch": self.effective_global_batch,

@@ -150,6 +150,12 @@ class PipelineConfig(CheckedArguments):
         default=False,
         metadata={"help": "Keep iter-K/checkpoints after iter-K/model is saved (they hold the optimizer states)."},
     )
+    reference_model: str = field(
+        default="previous_iteration",
+        metadata={"help": "pi_ref of each iteration: 'previous_iteration' (SELM's pi_{t-1}, the iteration's start "
+                  "model) or 'initial' (the fixed pi_0: the base model, model_name_or_path). Training and the "
+                  "implicit rewards follow it.", "choices": ("previous_iteration", "initial")},
+    )
     global_batch_size: int | None = field(
         default=None,
         metadata={
@@ -242,9 +248,27 @@ class RankingArguments(CheckedArguments):
         default="best_worst",
         metadata={
             "help": "'best_worst' (paper: best candidate chosen, worst rejected), 'replace' (Appendix C: the "
-            "generated response replaces chosen if better, rejected if worse) or 'original' (keep the dataset pair).",
-            "choices": ("best_worst", "replace", "original"),
+            "generated response replaces chosen if better, rejected if worse), 'original' (keep the dataset pair), "
+            "'rso' (the pair drawn by statistical rejection sampling, rso_beta) or 'rest' (ReST: the generated "
+            "responses scoring >= rest_threshold, trained with the supervised loss). docs/methods.md.",
+            "choices": ("best_worst", "replace", "original", "rso", "rest"),
         },
+    )
+    candidates: str = field(
+        default="generated_and_pair",
+        metadata={"help": "What is scored and ranked: 'generated_and_pair' (the paper: the generated responses and "
+                  "the dataset's chosen and rejected) or 'generated' (best-of-n over the generated responses only).",
+                  "choices": ("generated_and_pair", "generated")},
+    )
+    rso_beta: float | None = field(
+        default=None,
+        metadata={"help": "RSO's beta_r: a candidate is accepted with probability exp((r - r_max) / rso_beta) "
+                  "(update_rule: rso only).", "above": 0},
+    )
+    rest_threshold: float | None = field(
+        default=None,
+        metadata={"help": "ReST's threshold: generated responses scoring >= it are trained on (update_rule: rest "
+                  "only; a per-iteration list raises it step by step)."},
     )
     on_tie: str = field(
         default="drop",
