@@ -83,7 +83,7 @@ def plot_diagnostics(result: dict, path) -> None:
     """Generated-chosen share, KL between successive policies and held-out distinct answers, per iteration."""
     plt = _plt()
     label = _labels(result)
-    panels = (("generated_chosen", "share of ranked rows", "Generated response chosen"),
+    panels = (("generated_chosen", "share of ranked rows", "Generated response chosen\n(1 where only generated ones are candidates)"),
               ("kl_previous", "nats", "KL(π_K ‖ π_K−1), held-out prompts"),
               ("held_out_distinct", "distinct answers per prompt", "Held-out distinct answers, base..K"))
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))

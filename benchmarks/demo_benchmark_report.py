@@ -61,6 +61,18 @@ def to_markdown(result: dict, sweep: list[dict] | None) -> str:
                      f"{_count(c['training_tokens'])} | "
                      + " | ".join(f"{c[f'{st}_seconds']['mean']:.0f}" for st in ("generate", "rank", "train", "evaluate"))
                      + f" | {c['total_seconds']['mean']:.0f} |")
+    lines += ["", f"At iteration {last}, at a glance (means over seeds; diagnostics.md has every iteration):", "",
+              f"| method | held-out mean ± std | − {label[base]} [95% t interval] | generated chosen (ReST: kept) "
+              "| true reward of the chosen | KL(π_K ‖ π_K−1) | held-out distinct answers | ranker calls |",
+              "|---|---|---|---|---|---|---|---|"]
+    for m in methods:
+        name, d = m["name"], result["diagnostics"][m["name"]][last]
+        diff = result["paired_difference"].get(name, {}).get(last)
+        chosen = d["kept"] if d["kept"] is not None else d["generated_chosen"]
+        lines.append(f"| {label[name]} | {fmt(result['per_iteration'][last][name])} | "
+                     + (f"{diff['mean']:+.4f} {ci(diff)}" if diff else "(baseline)")
+                     + f" | {fmt(chosen, 3)} | {fmt(d['true_chosen'], 3)} | {fmt(d['kl_previous'], 3)} | "
+                     f"{fmt(d['held_out_distinct'], 2)} | {_count(result['costs'][name]['ranker_calls'])} |")
     lines += ["", f"Per seed at iteration {last}:", "", "| seed | " + " | ".join(label[m["name"]] for m in methods) + " |",
               "|---|" + "---|" * len(methods)]
     for s in seeds:
