@@ -24,7 +24,7 @@ from pathlib import Path
 from selm import layout
 from selm.errors import SELMError
 
-KL_PROMPTS, KL_SAMPLES = 200, 4  # 800 samples per iteration: s.e. ~ 0.01-0.03 nats on the demo (docs/benchmark.md)
+KL_PROMPTS, KL_SAMPLES = 200, 4  # 800 samples per iteration: s.e. 0.003-0.09 nats on the demo (docs/benchmark.md)
 
 
 def _mean(values):
