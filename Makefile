@@ -3,7 +3,7 @@
 # missing one.
 #
 #   make demo                       SELM against iterative DPO on CPU, on a task whose reward is exact (README quick start)
-#   make benchmark [SEEDS="10 11"]  the same over seeds, with the paired difference and an alpha sweep
+#   make benchmark [SEEDS="10 11"]  the methods of benchmarks/demo_methods.txt over seeds: paired differences, costs, exploration
 #   make test                       the test suite (CPU, no hub)
 #   make test-fast                  the suite without the tests marked slow (the inner loop, a few minutes)
 #   make smoke                      the 100-sample smoke run of the whole loop (tiny random model, CI)
