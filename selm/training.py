@@ -115,9 +115,6 @@ def train_stage(recipe, launch=None) -> None:
     if out_dir.exists():
         print(f"{out_dir} exists: iteration {recipe.iteration} is already trained; not retraining")
         return
-    if recipe.model.use_peft:
-        raise SELMError(f"{recipe.path}: 'use_peft' is not supported by the train stage: every iteration's model "
-                        "must be a full model, since the next iteration starts from it")
     from selm.artifacts import start_model
 
     start = start_model(recipe)  # before the trainer's imports and any model load
@@ -138,6 +135,10 @@ def train_stage(recipe, launch=None) -> None:
         from selm.io import write_text
 
         write_text(recipe.iter_dir() / layout.TRAIN_LOG, json.dumps(trainer.state.log_history, indent=1))
+    if recipe.model.use_peft:  # iter-K/model holds the trained adapter only, not trl's frozen reference copy
+        from selm.lora import drop_reference_adapter
+
+        drop_reference_adapter(trainer)
     save_final_model(trainer, tokenizer, out_dir)
     if main:
         print(f"iteration {recipe.iteration}: model saved to {out_dir}")
@@ -156,12 +157,26 @@ def _build_trainer(recipe, args, start: str, dataset):
     if args.should_save:
         write_text(recipe.iter_dir() / layout.TRAIN_CONFIG, recipe.to_yaml())
     tokenizer = AutoTokenizer.from_pretrained(start, trust_remote_code=args.trust_remote_code)
+    if recipe.model.use_peft:
+        return _build_lora_trainer(recipe, args, start, dataset, tokenizer), tokenizer
     policy = load_model(start, recipe.model, args.trust_remote_code)
     # The reference is the iteration's start model. trl would otherwise reload the *base* path. With precomputed
     # reference log-probs the policy itself, before its first step, is that model: no second copy is loaded.
     ref_model = None if args.precompute_ref_log_probs else load_model(start, recipe.model, args.trust_remote_code)
     trainer = SELMTrainer(policy, ref_model=ref_model, args=args, train_dataset=dataset, processing_class=tokenizer)
     return trainer, tokenizer
+
+
+def _build_lora_trainer(recipe, args, start: str, dataset, tokenizer):
+    """SELMTrainer of a use_peft iteration; its reference is exactly the start model π_{t-1} (selm/lora.py)."""
+    from selm.lora import match_reference_precision, policy_and_peft_config
+    from selm.trainer import SELMTrainer
+
+    policy, peft_config = policy_and_peft_config(recipe, start, args.trust_remote_code)
+    trainer = SELMTrainer(policy, ref_model=None, args=args, train_dataset=dataset, processing_class=tokenizer,
+                          peft_config=peft_config)
+    match_reference_precision(trainer)
+    return trainer
 
 
 def _train(recipe, args, trainer) -> None:

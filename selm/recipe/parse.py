@@ -249,6 +249,9 @@ def _check_required_and_consistent(recipe: Recipe) -> None:
     if recipe.model.model_name_or_path in (None, ""):
         raise SELMError(f"{recipe.path}: 'model_name_or_path' (the base model) is required")
     recipe.gradient_accumulation_steps()  # fail early on an impossible batch split
+    from selm.lora import check_model_keys  # use_peft, lora_*, load_in_4bit: honoured or refused, never ignored
+
+    check_model_keys(recipe.model, recipe.explicit_keys, recipe.path)
     from selm.prefix_sharing import check_attention  # prefix sharing needs a kernel that takes a 4-D mask
 
     check_attention(recipe.model.attn_implementation, recipe.training.get("prefix_sharing", "false"),
