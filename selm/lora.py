@@ -76,12 +76,13 @@ def policy_and_peft_config(recipe, start: str, trust_remote_code: bool):
     return load_model(start, recipe.model, trust_remote_code, trainable=True), None
 
 
-def match_reference_precision(trainer) -> None:
-    """On a 4-bit base, trl trains the adapter in bf16 but leaves its "ref" copy in the adapter's load precision:
-    cast the copy too, so the reference computes exactly as iteration t-1's model did when it was trained."""
+def match_reference_precision(model) -> None:
+    """On a 4-bit base, trl trains the adapter in bf16 but leaves its "ref" copy in the adapter's load precision
+    (fp32): cast the copy too, so the reference computes exactly as iteration t-1's model did when it was trained
+    (1.3e-3 nats apart on the tiny model otherwise). Called by SELMTrainer before its reference pass and by the train
+    stage once the trainer is built; lossless (the saved adapter is bf16)."""
     import torch
 
-    model = trainer.accelerator.unwrap_model(trainer.model)
     if not getattr(model, "is_loaded_in_4bit", False) or "ref" not in getattr(model, "peft_config", {}):
         return
     for name, param in model.named_parameters():

@@ -175,7 +175,7 @@ def _build_lora_trainer(recipe, args, start: str, dataset, tokenizer):
     policy, peft_config = policy_and_peft_config(recipe, start, args.trust_remote_code)
     trainer = SELMTrainer(policy, ref_model=None, args=args, train_dataset=dataset, processing_class=tokenizer,
                           peft_config=peft_config)
-    match_reference_precision(trainer)
+    match_reference_precision(trainer.accelerator.unwrap_model(trainer.model))  # for a reference pass per step
     return trainer
 
 
