@@ -101,3 +101,30 @@ def test_model_keys_a_stage_cannot_honour_are_refused_in_one_line(smoke_recipe, 
     with pytest.raises(SELMError, match=message) as error:
         parse_recipe([str(recipe), "--iteration", "1", "--dry_run"])
     assert str(recipe) in str(error.value) and "\n" not in str(error.value)
+
+
+@pytest.mark.slow
+def test_lora_iterations_under_accelerate_with_two_processes(smoke_recipe):
+    import sys
+
+    from test_train_script import run_cli, write_ranked
+
+    recipe = smoke_recipe(use_peft=True, lora_r=8, lora_alpha=16, lora_dropout=0.0, lora_target_modules="all-linear",
+                          warmup_steps=0)
+    run = recipe.parent / "run"
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+              "recipes/accelerate_configs/cpu_zero3.yaml", "--num_processes", "2", "scripts/train.py", str(recipe)]
+    for k in (1, 2):
+        write_ranked(run, k)
+        result = run_cli(launch + ["--iteration", str(k), "--ddp_backend", "gloo"])
+        assert result.returncode == 0, result.stderr[-3000:]
+        launch_record = json.loads((run / "run_info.json").read_text())["launches"][-1]
+        assert launch_record["launcher"]["num_processes"] == 2 and launch_record["status"] == "finished"
+        model = run / f"iter-{k}" / "model"
+        assert (model / "adapter_config.json").is_file() and not (model / "config.json").exists()
+        # the first step starts from the reference itself: no reward yet (iteration 2: from iteration 1's adapter)
+        first = json.loads((run / f"iter-{k}" / "train_log.json").read_text())[0]
+        assert first["rewards/margins"] == 0 and first["loss"] == pytest.approx(math.log(2), abs=1e-4)
+    first, second = adapter_tensors(run / "iter-1" / "model"), adapter_tensors(run / "iter-2" / "model")
+    assert any(not (first[k] == second[k]).all() for k in first)
+    assert any(k.endswith("lora_B.weight") and first[k].abs().max() > 0 for k in first)

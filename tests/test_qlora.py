@@ -149,3 +149,27 @@ def test_load_in_4bit_loads_a_4bit_model_and_trains_an_nf4_step(smoke_recipe, ti
     after = dict(trainer.model.named_parameters())
     assert any(not torch.equal(after[n], p) for n, p in before.items()), "the nf4 step changed no adapter weight"
     assert all(torch.isfinite(after[n]).all() for n in before)
+
+
+@pytest.mark.slow
+@needs_bnb
+def test_qlora_smoke_runs_two_iterations_end_to_end(tmp_path, tiny_model_dir, fixture_dir):
+    import json
+
+    import yaml
+    from safetensors.torch import load_file
+
+    from conftest import REPO
+    from test_pipeline import make
+
+    run = tmp_path / "run"
+    args = (f"--model_name_or_path {tiny_model_dir} --dataset_name {fixture_dir} --load_in_4bit true "
+            "--max_samples 64 --eval_max_samples 12")
+    assert "run finished" in make("run", f"RECIPE={REPO / 'recipes/smoke/selm_lora.yaml'}", f"RUN_DIR={run}",
+                                  f"ARGS={args}")
+    for k in (1, 2):
+        d = run / f"iter-{k}"
+        assert yaml.safe_load((d / "train_config.yaml").read_text())["model"]["load_in_4bit"] is True
+        # trl keeps a QLoRA adapter in bf16 (a LoRA adapter on the fp32 tiny model stays fp32): trained on 4 bits
+        assert {t.dtype for t in load_file(str(d / "model" / "adapter_model.safetensors")).values()} == {torch.bfloat16}
+        assert json.loads((d / "eval" / "metrics.json").read_text())["num_prompts"] == 12
