@@ -57,6 +57,18 @@ def check_bitsandbytes(model_args) -> None:
             raise SELMError(f"load_in_4bit needs bitsandbytes: `pip install -e .[qlora]` (import failed: {e})") from None
 
 
+def check_training(recipe, args, start: str) -> None:
+    """What the train stage cannot do with a recipe's model keys, in one line, before any model is loaded."""
+    from selm.models import adapter_base
+
+    if adapter_base(start) is not None and not recipe.model.use_peft:
+        raise SELMError(f"{recipe.path}: iteration {recipe.iteration} starts from the LoRA adapter in {start}, so it "
+                        "needs use_peft: true (the adapter is continued; it is never merged into a full model)")
+    if recipe.model.load_in_4bit and args.deepspeed_plugin is not None:
+        raise SELMError(f"{recipe.path}: load_in_4bit under DeepSpeed was never run here; launch with plain data "
+                        "parallel (recipes/accelerate_configs/ddp.yaml, as the *-qlora make targets do)")
+
+
 def policy_and_peft_config(recipe, start: str, trust_remote_code: bool):
     """(policy, peft_config) of a use_peft iteration: base model + a new adapter from the recipe's keys (trl wraps
     it), or iteration t-1's adapter continued (trainable; trl adds its frozen copy as the reference)."""

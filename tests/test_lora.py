@@ -187,3 +187,48 @@ def test_vllm_serves_an_adapter_on_its_base_as_hf_does(varied_model_dir, tmp_pat
             answers[name] = gen.generate_ids(gen.encode(conversations))
     assert answers["vllm"] == answers["hf"]  # base + adapter in both backends: the same greedy token ids
     assert answers["hf"] != answers["base"]  # and the adapter is applied
+
+
+def test_zephyr_qlora_selm_and_dpo_share_iteration_zero(tmp_path):
+    from selm.io import write_text
+    from selm.recipe.parse import parse_recipe
+    from selm.training import check_shared_iteration_zero
+
+    shared = ["--iteration", "0", "--iteration_zero_dir", str(tmp_path / "iter0"), "--num_processes", "1"]
+    selm, _ = parse_recipe([str(REPO / "recipes/zephyr-7b-sft/selm_qlora.yaml"), *shared])
+    dpo, _ = parse_recipe([str(REPO / "recipes/zephyr-7b-sft/dpo_qlora.yaml"), *shared])
+    write_text(selm.iter_dir() / "train_config.yaml", selm.to_yaml())  # as the SELM run's iteration 0 leaves it
+    check_shared_iteration_zero(dpo)  # the DPO run reuses it: no setting of iteration 0 differs
+    assert dpo.iter_dir() == selm.iter_dir() and dpo.training["per_device_train_batch_size"] == 4
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"lora_r": 16}, "'lora_r' is 16 for iteration 2, but it continues the adapter in .* which has 8"),
+    ({"lora_alpha": 32}, "'lora_alpha' is 32 for iteration 2"),
+    ({"use_peft": False}, "starts from the LoRA adapter in .* needs use_peft: true"),
+])
+def test_a_continued_adapter_keeps_its_settings(smoke_recipe, tiny_model_dir, override, message):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from selm.errors import SELMError
+    from selm.recipe.parse import parse_recipe
+    from selm.training import _build_trainer
+    from test_train_script import write_ranked
+
+    keys = {**LORA_KEYS, **override} if override.get("use_peft", True) else {"warmup_steps": 0}  # else a full model
+    recipe_path = smoke_recipe(**keys)
+    run = recipe_path.parent / "run"
+    adapter = run / "iter-1" / "model"  # iteration 1's adapter, as a LoRA iteration saves it
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                           LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear"))
+    model.save_pretrained(adapter)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(adapter)
+    write_ranked(run, 2)
+    recipe, _ = parse_recipe([str(recipe_path), "--iteration", "2"])
+    with pytest.raises(SELMError, match=message):
+        _build_trainer(recipe, recipe.training_config(), recipe.start_model, None)
+
+
+LORA_KEYS = dict(use_peft=True, lora_r=8, lora_alpha=16, lora_dropout=0.0, lora_target_modules="all-linear",
+                 warmup_steps=0)
