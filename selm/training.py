@@ -2,7 +2,8 @@
 
 Reads iter-K/ranked.parquet (or, for iteration 0 of a dpo_iteration_zero recipe, the original pairs of the first
 portion). Policy and reference both start from the previous iteration's model (the base model for the first
-iteration). Writes iter-K/model/ (model + tokenizer, renamed into place when complete), iter-K/train_config.yaml and
+iteration). Writes iter-K/model/ (model + tokenizer, or with use_peft the LoRA adapter + tokenizer: selm/lora.py;
+renamed into place when complete), iter-K/train_config.yaml and
 iter-K/train_log.json. Checkpoints go to iter-K/checkpoints/; a rerun resumes from the last complete one, and an
 iteration whose model exists is not retrained.
 """

