@@ -47,7 +47,7 @@ export HF_HUB_ENABLE_HF_TRANSFER ?= 0
 export TOKENIZERS_PARALLELISM ?= false
 
 .PHONY: help install install-gpu demo demo-task demo-selm demo-dpo benchmark smoke smoke-dpo test test-fast zephyr-selm zephyr-dpo llama3-selm llama3-dpo run sweep \
-	compare tiny rehearsal-models paper-tokenizers clean-smoke $(QLORA_TARGETS)
+	compare tiny rehearsal-models paper-tokenizers clean-smoke
 
 help:
 	@sed -n '1,/^$$/p' Makefile
@@ -209,6 +209,7 @@ llama3-dpo: $(PAPER_NEEDS)
 # plain data parallel, ddp.yaml). REHEARSAL=1: 2 CPU processes (cpu_ddp.yaml), the 4-bit base through bitsandbytes
 # on CPU, vLLM serving each adapter on its base as on the GPU.
 QLORA_TARGETS := zephyr-selm-qlora zephyr-dpo-qlora llama3-selm-qlora llama3-dpo-qlora
+.PHONY: $(QLORA_TARGETS)
 ifeq ($(filter command line environment override,$(origin NUM_GPUS)),)
 $(QLORA_TARGETS): NUM_GPUS := 1
 endif

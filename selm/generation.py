@@ -300,7 +300,7 @@ class _VLLMBackend:
 def _vllm_lora(gen: Generator):
     """(LoRARequest or None, the model vLLM loads): an adapter is served on its base model, which vLLM loads in the
     recipe's dtype; vLLM has no bitsandbytes 4-bit here, so a QLoRA policy answers from its bf16 base + the adapter
-    (said once; the training reference stays the exact 4-bit model, docs/one-gpu.md)."""
+    (said in one line; the training reference stays the exact 4-bit model, docs/one-gpu.md)."""
     from selm.models import adapter_base
 
     base = adapter_base(gen.model_path)

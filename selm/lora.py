@@ -107,3 +107,16 @@ def drop_reference_adapter(trainer) -> None:
     model = trainer.accelerator.unwrap_model(trainer.model)
     if "ref" in getattr(model, "peft_config", {}):
         model.delete_adapter("ref")
+
+
+def scoreable(model):
+    """`model`, or for a bare 4-bit model (a QLoRA run's base, the first iteration's reference) the same model with
+    an adapter that adds exactly zero (LoRA B = 0): transformers' Trainer refuses a 4-bit model without an adapter,
+    and Fig. 4's log-probs come from the trainer's own reference pass (selm.evaluation.completion_logps)."""
+    from accelerate.utils import is_peft_model
+
+    if not getattr(model, "is_loaded_in_4bit", False) or is_peft_model(model):
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    return get_peft_model(model, LoraConfig(r=1, lora_alpha=1, target_modules="all-linear", init_lora_weights=True))

@@ -234,7 +234,6 @@ LORA_KEYS = dict(use_peft=True, lora_r=8, lora_alpha=16, lora_dropout=0.0, lora_
                  warmup_steps=0)
 
 
-@pytest.mark.slow
 def test_a_lora_iteration_resumes_from_its_checkpoint(smoke_recipe, capsys):
     import shutil
 

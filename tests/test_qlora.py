@@ -56,7 +56,6 @@ def own_logps(model, prompt_ids, completion_ids) -> float:
     return float(logps[len(prompt_ids) - 1:].sum())
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("kind", KINDS)
 def test_iteration_two_reference_is_exactly_the_trained_iteration_one_model(smoke_recipe, tiny_model_dir, kind):
     from selm.recipe.parse import parse_recipe
@@ -173,3 +172,26 @@ def test_qlora_smoke_runs_two_iterations_end_to_end(tmp_path, tiny_model_dir, fi
         # trl keeps a QLoRA adapter in bf16 (a LoRA adapter on the fp32 tiny model stays fp32): trained on 4 bits
         assert {t.dtype for t in load_file(str(d / "model" / "adapter_model.safetensors")).values()} == {torch.bfloat16}
         assert json.loads((d / "eval" / "metrics.json").read_text())["num_prompts"] == 12
+    # Fig. 4 on the 4-bit adapters: iteration 2's reference is iteration 1's policy, row for row
+    from selm.evaluation import implicit_rewards
+    from selm.recipe.parse import parse_recipe
+
+    tables = {k: implicit_rewards(parse_recipe([str(run / "recipe.yaml"), "--iteration", str(k)])[0]).to_pydict()
+              for k in (1, 2)}
+    assert tables[2]["chosen_logp_reference"] == pytest.approx(tables[1]["chosen_logp_policy"], abs=1e-4)
+    assert tables[1]["chosen_logp_policy"] != pytest.approx(tables[1]["chosen_logp_reference"], abs=1e-3)
+
+
+@needs_bnb
+def test_a_bare_4bit_model_is_scored_unchanged(tiny_model_dir):
+    from trl import ModelConfig
+
+    from selm.lora import scoreable
+    from selm.models import load_model
+
+    model = load_model(str(tiny_model_dir), ModelConfig(dtype="float32", use_peft=True, load_in_4bit=True), False)
+    ids = torch.tensor([[1, 5, 9, 14, 3, 7, 22, 8]])
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+        wrapped = scoreable(model)  # what Fig. 4 scores a QLoRA run's base with
+        assert wrapped is not model and torch.equal(wrapped(input_ids=ids).logits, expected)
