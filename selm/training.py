@@ -152,14 +152,13 @@ def _build_trainer(recipe, args, start: str, dataset):
     from transformers import AutoTokenizer
 
     from selm.io import write_text
+    from selm.lora import check_training
     from selm.models import load_model
     from selm.trainer import SELMTrainer
 
+    check_training(recipe, args, start)
     if args.should_save:
         write_text(recipe.iter_dir() / layout.TRAIN_CONFIG, recipe.to_yaml())
-    from selm.lora import check_training
-
-    check_training(recipe, args, start)
     tokenizer = AutoTokenizer.from_pretrained(start, trust_remote_code=args.trust_remote_code)
     if recipe.model.use_peft:
         return _build_lora_trainer(recipe, args, start, dataset, tokenizer), tokenizer
