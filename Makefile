@@ -9,6 +9,7 @@
 #   make smoke                      the 100-sample smoke run of the whole loop (tiny random model, CI)
 #   make zephyr-selm ITER=3         the paper's Zephyr recipe on a GPU node (NUM_GPUS=8)
 #   make zephyr-selm REHEARSAL=1 ITER=1   the same target, recipe and launchers on CPU with tiny stand-ins
+#   make zephyr-selm-qlora ITER=3   the QLoRA recipe on one GPU (NUM_GPUS=1; also zephyr-dpo-qlora, llama3-*-qlora)
 #   make run RECIPE=path.yaml ITER=2 RUN_DIR=runs/x ARGS="--beta 0.05"
 #   make sweep SWEEP=recipes/sweeps/zephyr-alpha.yaml
 #   make compare RUNS="runs/a runs/b" [ITER=K] [OUT=dir]   held-out metrics and figures of several runs
@@ -215,6 +216,28 @@ llama3-selm: $(PAPER_NEEDS)
 llama3-dpo: $(PAPER_NEEDS)
 	$(call paper_preflight,recipes/llama-3-8b-instruct/dpo.yaml,llama3-dpo,)
 	+$(call paper_run,recipes/llama-3-8b-instruct/dpo.yaml,llama3-dpo,$(call rehearsal_model,llama3))
+
+# One GPU: the QLoRA recipes (recipes/*/{selm,dpo}_qlora.yaml, docs/one-gpu.md), NUM_GPUS=1 unless given (more GPUs:
+# plain data parallel, ddp.yaml). REHEARSAL=1: 2 CPU processes (cpu_ddp.yaml), the 4-bit base through bitsandbytes
+# on CPU, vLLM serving each adapter on its base as on the GPU.
+QLORA_TARGETS := zephyr-selm-qlora zephyr-dpo-qlora llama3-selm-qlora llama3-dpo-qlora
+.PHONY: $(QLORA_TARGETS)
+ifeq ($(filter command line environment override,$(origin NUM_GPUS)),)
+$(QLORA_TARGETS): NUM_GPUS := 1
+endif
+QLORA_CONFIG := recipes/accelerate_configs/$(if $(filter 1,$(REHEARSAL)),cpu_ddp.yaml,ddp.yaml)
+QLORA_ACCELERATE = $(VENV)/bin/accelerate launch --config_file $(QLORA_CONFIG) --num_processes $(NUM_GPUS)
+ZEPHYR_QLORA_ITER0 := --iteration_zero_dir $(PAPER_ROOT)/zephyr-qlora-iter0
+qlora_run = $(call drive,$(1),$(or $(RUN_DIR),$(PAPER_ROOT)/$(2)),$(3) $(ARGS),$(or $(LAUNCH),$(QLORA_ACCELERATE)),\
+	$(NUM_GPUS),$(STAGE_LOGS))
+
+zephyr-selm-qlora zephyr-dpo-qlora: zephyr-%-qlora: $(PAPER_NEEDS)
+	$(call paper_preflight,recipes/zephyr-7b-sft/$*_qlora.yaml,$@,$(ZEPHYR_QLORA_ITER0))
+	+$(call qlora_run,recipes/zephyr-7b-sft/$*_qlora.yaml,$@,$(ZEPHYR_QLORA_ITER0) $(call rehearsal_model,zephyr))
+
+llama3-selm-qlora llama3-dpo-qlora: llama3-%-qlora: $(PAPER_NEEDS)
+	$(call paper_preflight,recipes/llama-3-8b-instruct/$*_qlora.yaml,$@,)
+	+$(call qlora_run,recipes/llama-3-8b-instruct/$*_qlora.yaml,$@,$(call rehearsal_model,llama3))
 
 # ---------------------------------------------------------------- one run: RECIPE, RUN_DIR, ITER, ARGS, LAUNCH
 # The run driver (scripts/run.py, docs/running.md) freezes RECIPE (+ OVERLAY + ARGS) into RUN_DIR, plans the run from

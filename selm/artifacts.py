@@ -97,9 +97,20 @@ def read_rewards(directory) -> list[float]:
 
 # ---- models: iter-K/model directories and the base model ----
 def check_model_path(model_path: str) -> None:
-    """A local model directory must exist and hold a config; anything else must be a hub id transformers can load."""
+    """A local model directory must exist and hold a config (or be a LoRA adapter whose base model passes this check);
+    anything else must be a hub id transformers can load."""
     path = Path(model_path).expanduser()
     if path.is_dir():
+        from selm.models import adapter_base, check_adapter
+
+        base = adapter_base(path)
+        if base is not None:
+            check_adapter(path)
+            try:
+                check_model_path(base)
+            except SELMError as e:
+                raise SELMError(f"{e} (the base model of the adapter in {path})") from None
+            return
         if not (path / "config.json").is_file():
             raise SELMError(f"model directory {path} has no config.json (an unfinished or wrong directory?)")
         from selm.models import check_weights

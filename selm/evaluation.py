@@ -261,12 +261,13 @@ def completion_logps(recipe, model_path: str, data) -> dict:
 
     from transformers import AutoTokenizer
 
+    from selm.lora import scoreable
     from selm.models import load_model
     from selm.trainer import completion_logps as trainer_logps
 
     trust = bool(recipe.training.get("trust_remote_code", False))
     tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust)
-    model = load_model(model_path, recipe.model, trust)
+    model = scoreable(load_model(model_path, recipe.model, trust))
     with tempfile.TemporaryDirectory(prefix="selm-logps-") as tmp:
         args = recipe.training_config(output_dir=tmp, alpha=0.0, report_to="none", save_strategy="no",
                                       push_to_hub=False, disable_tqdm=True)

@@ -76,12 +76,17 @@ class Generator:
     """
 
     def __init__(self, model_path: str, settings, *, dtype: str | None = "auto", trust_remote_code: bool = False,
-                 attn_implementation: str | None = None, engine_kwargs: dict | None = None, progress: bool = True):
+                 attn_implementation: str | None = None, engine_kwargs: dict | None = None, progress: bool = True,
+                 model_args=None):
         from transformers import AutoTokenizer
+
+        from selm.models import config_path
 
         # every setting (the backend's name too) was checked when GenerationArguments was built (selm.recipe.schema)
         check_model_path(model_path)
         self.model_path, self.settings = str(model_path), settings
+        # a LoRA adapter directory (selm/models.py) has its tokenizer beside it and its base model's configs
+        self.config_path, self.model_args = config_path(self.model_path), model_args
         self.dtype = None if dtype in (None, "auto") else str(dtype)
         self.trust_remote_code, self.attn_implementation = trust_remote_code, attn_implementation
         self.engine_kwargs, self.progress = dict(engine_kwargs or {}), progress
@@ -89,9 +94,9 @@ class Generator:
         if not self.tokenizer.chat_template:
             raise SELMError(f"{model_path}: the tokenizer has no chat template")
         self.tokens = ConversationTokens(self.tokenizer)
-        self.eos_ids = _eos_ids(self.tokenizer, self.model_path, trust_remote_code)
+        self.eos_ids = _eos_ids(self.tokenizer, self.config_path, trust_remote_code)
         limit = settings.max_model_len if settings.generation_backend == "vllm" else None
-        self.context_length = _context_length(self.model_path, trust_remote_code, limit)
+        self.context_length = _context_length(self.config_path, trust_remote_code, limit)
         self._backend = None
 
     # ---- prompts ----
@@ -169,19 +174,22 @@ def _empty_device_cache() -> None:
 
 class _HFBackend:
     def __init__(self, gen: Generator):
+        import types
+
         import torch
-        from transformers import AutoModelForCausalLM
+
+        from selm.models import load_model
 
         self.gen = gen
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        kwargs = {"trust_remote_code": gen.trust_remote_code}
-        if gen.dtype:
-            kwargs["dtype"] = getattr(torch, gen.dtype)
-        if gen.attn_implementation:
-            from selm.models import attention_implementation
-
-            kwargs["attn_implementation"] = attention_implementation(gen.attn_implementation)
-        self.model = AutoModelForCausalLM.from_pretrained(gen.model_path, **kwargs).to(self.device).eval()
+        # the recipe's model settings (4-bit too: a QLoRA policy answers as it was trained), else the Generator's own
+        model_args = gen.model_args or types.SimpleNamespace(
+            dtype=gen.dtype or "auto", attn_implementation=gen.attn_implementation, model_name_or_path=None,
+            model_revision=None)
+        model = load_model(gen.model_path, model_args, gen.trust_remote_code)
+        if not getattr(model, "is_loaded_in_4bit", False):  # a 4-bit model is placed by its device map
+            model = model.to(self.device)
+        self.model = model.eval()
         tok = gen.tokenizer
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else gen.eos_ids[0]
 
@@ -242,13 +250,20 @@ class _VLLMBackend:
             raise SELMError(f"{VLLM_INSTALL_HINT} (import vllm failed: {e})") from None
         s = gen.settings
         self.gen = gen
-        kwargs = dict(model=gen.model_path, tokenizer=gen.model_path, trust_remote_code=gen.trust_remote_code,
+        self.lora_request, model = _vllm_lora(gen)
+        # an adapter directory has no config.json for vLLM to read: the base's tokenizer files (the same; prompts go
+        # in as token ids and answers are decoded by `Generator`)
+        kwargs = dict(model=model, tokenizer=model, trust_remote_code=gen.trust_remote_code,
                       tensor_parallel_size=s.tensor_parallel_size, gpu_memory_utilization=s.gpu_memory_utilization,
                       seed=s.generation_seed, dtype=gen.dtype or "auto")
         if s.max_model_len:
             kwargs["max_model_len"] = s.max_model_len
         if s.vllm_enforce_eager:
             kwargs["enforce_eager"] = True
+        if self.lora_request is not None:
+            from selm.models import adapter_settings
+
+            kwargs.update(enable_lora=True, max_lora_rank=_vllm_lora_rank(adapter_settings(gen.model_path)["r"]))
         kwargs.update(gen.engine_kwargs)
         self.llm = vllm.LLM(**kwargs)
 
@@ -267,7 +282,7 @@ class _VLLMBackend:
             for i in range(len(prompt_token_ids))
         ]
         prompts = [TokensPrompt(prompt_token_ids=ids) for ids in prompt_token_ids]
-        outputs = self.llm.generate(prompts, params, use_tqdm=self.gen.progress)
+        outputs = self.llm.generate(prompts, params, use_tqdm=self.gen.progress, lora_request=self.lora_request)
         return [[list(c.token_ids) for c in sorted(o.outputs, key=lambda c: c.index)] for o in outputs]
 
     def close(self):
@@ -280,6 +295,33 @@ class _VLLMBackend:
         del self.llm
         destroy_model_parallel()
         destroy_distributed_environment()
+
+
+def _vllm_lora(gen: Generator):
+    """(LoRARequest or None, the model vLLM loads): an adapter is served on its base model, which vLLM loads in the
+    recipe's dtype; vLLM has no bitsandbytes 4-bit here, so a QLoRA policy answers from its bf16 base + the adapter
+    (said in one line; the training reference stays the exact 4-bit model, docs/one-gpu.md)."""
+    from selm.models import adapter_base
+
+    base = adapter_base(gen.model_path)
+    four_bit = bool(getattr(gen.model_args, "load_in_4bit", False))
+    if four_bit:
+        print(f"generate (vllm): {base or gen.model_path} served in {gen.dtype or 'its dtype'}, not 4-bit (vLLM has no "
+              "bitsandbytes quantization); the hf backend generates with the 4-bit model", flush=True)
+    if base is None:
+        return None, gen.model_path
+    from vllm.lora.request import LoRARequest
+
+    return LoRARequest("policy", 1, gen.model_path), base
+
+
+def _vllm_lora_rank(rank: int) -> int:
+    """vLLM's max_lora_rank takes one of a few sizes: the smallest that holds the adapter's rank."""
+    sizes = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+    fitting = [size for size in sizes if size >= rank]
+    if not fitting:
+        raise SELMError(f"LoRA rank {rank} exceeds vLLM's largest max_lora_rank {sizes[-1]}")
+    return fitting[0]
 
 
 # ---- one-call API ----

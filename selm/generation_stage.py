@@ -160,7 +160,7 @@ def generator_kwargs(recipe, engine_kwargs: dict | None = None, progress: bool =
     """`Generator` keyword arguments from a recipe's model settings."""
     return dict(dtype=recipe.model.dtype, attn_implementation=recipe.model.attn_implementation,
                 trust_remote_code=bool(recipe.training.get("trust_remote_code", False)),
-                engine_kwargs=engine_kwargs, progress=progress)
+                engine_kwargs=engine_kwargs, progress=progress, model_args=recipe.model)
 
 
 def generate_stage(recipe, launch=None, *, engine_kwargs: dict | None = None, progress: bool = True) -> Path:

@@ -61,6 +61,12 @@ def rest_keep(generated_scores, threshold: float) -> list[int]:
 def check_method_settings(recipe) -> None:
     r, source = recipe.ranking, recipe.path
     rule, alpha = r.update_rule, float(recipe.training.get("alpha", 0.0))
+    if recipe.model.use_peft and rule == "rest":  # SFTTrainer on a continued adapter was never built or tested
+        raise SELMError(f"{source}: 'use_peft' with 'update_rule' rest is not supported: ReST trains full models here")
+    if recipe.model.use_peft and recipe.pipeline.reference_model == "initial":
+        # a continued adapter's reference is trl's frozen copy of it (pi_{t-1}); pi_0 would need the adapter disabled
+        raise SELMError(f"{source}: 'reference_model' initial with 'use_peft' is not supported: an adapter iteration's "
+                        "reference is the previous adapter (reference_model: previous_iteration)")
     if r.candidates == "generated" and rule in ("replace", "original"):
         raise SELMError(f"{source}: 'update_rule' {rule} needs the dataset's pair among the candidates; set "
                         "candidates: generated_and_pair")

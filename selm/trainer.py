@@ -48,6 +48,7 @@ from selm import prefix_sharing
 from selm.artifacts import REFERENCE
 from selm.chat import ConversationTokens
 from selm.errors import SELMError, SELMValueError
+from selm.lora import match_reference_precision
 from selm.loss import selm_loss
 from selm.trainer_config import SELMConfig
 
@@ -397,6 +398,7 @@ class SELMTrainer(DPOTrainer):
             raise SELMValueError("precompute_ref_log_probs: true needs a map-style dataset, not a streaming one "
                                  "(datasets.IterableDataset), as in DPOTrainer; set precompute_ref_log_probs: false")
         groups = GROUPS if REFERENCE in _column_names(dataset) else GROUPS[:2]
+        match_reference_precision(self.accelerator.unwrap_model(self.model))  # QLoRA: reference as trained (selm/lora.py)
         # Scored in order of length, so a batch holds rows of similar length and little padding: this is what makes
         # the precompute pass cheaper than the reference forwards it replaces. Scattered back to row order below.
         order = np.argsort(-_row_lengths(dataset, groups), kind="stable")

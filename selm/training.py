@@ -3,9 +3,9 @@
 Reads iter-K/ranked.parquet (or, for iteration 0 of a dpo_iteration_zero recipe, the original pairs of the first
 portion). Policy and reference both start from the previous iteration's model (the base model for the first
 iteration); with `reference_model: initial` the reference is the base model in every iteration. Writes iter-K/model/
-(model + tokenizer, renamed into place when complete), iter-K/train_config.yaml and iter-K/train_log.json.
-Checkpoints go to iter-K/checkpoints/; a rerun resumes from the last complete one, and an iteration whose model
-exists is not retrained.
+(model + tokenizer, or with use_peft the LoRA adapter + tokenizer: selm/lora.py; renamed into place when complete),
+iter-K/train_config.yaml and iter-K/train_log.json. Checkpoints go to iter-K/checkpoints/; a rerun resumes from the
+last complete one, and an iteration whose model exists is not retrained.
 """
 
 import json
@@ -117,9 +117,6 @@ def train_stage(recipe, launch=None) -> None:
     if out_dir.exists():
         print(f"{out_dir} exists: iteration {recipe.iteration} is already trained; not retraining")
         return
-    if recipe.model.use_peft:
-        raise SELMError(f"{recipe.path}: 'use_peft' is not supported by the train stage: every iteration's model "
-                        "must be a full model, since the next iteration starts from it")
     from selm.artifacts import start_model
 
     from selm.rest_training import build_sft_trainer, is_rest, load_sft_data, sft_config
@@ -144,6 +141,10 @@ def train_stage(recipe, launch=None) -> None:
         from selm.io import write_text
 
         write_text(recipe.iter_dir() / layout.TRAIN_LOG, json.dumps(trainer.state.log_history, indent=1))
+    if recipe.model.use_peft:  # iter-K/model holds the trained adapter only, not trl's frozen reference copy
+        from selm.lora import drop_reference_adapter
+
+        drop_reference_adapter(trainer)
     save_final_model(trainer, tokenizer, out_dir)
     if main:
         print(f"iteration {recipe.iteration}: model saved to {out_dir}")
@@ -156,12 +157,16 @@ def _build_trainer(recipe, args, start: str, dataset):
     from transformers import AutoTokenizer
 
     from selm.io import write_text
+    from selm.lora import check_training
     from selm.models import load_model
     from selm.trainer import SELMTrainer
 
+    check_training(recipe, args, start)
     if args.should_save:
         write_text(recipe.iter_dir() / layout.TRAIN_CONFIG, recipe.to_yaml())
     tokenizer = AutoTokenizer.from_pretrained(start, trust_remote_code=args.trust_remote_code)
+    if recipe.model.use_peft:
+        return _build_lora_trainer(recipe, args, start, dataset, tokenizer), tokenizer
     policy = load_model(start, recipe.model, args.trust_remote_code)
     # The reference (recipe key reference_model): the start model, or the fixed base model. trl would otherwise
     # reload the *base* path. With precomputed reference log-probs and the start model as the reference the policy
@@ -172,6 +177,18 @@ def _build_trainer(recipe, args, start: str, dataset):
                                                                                 args.trust_remote_code)
     trainer = SELMTrainer(policy, ref_model=ref_model, args=args, train_dataset=dataset, processing_class=tokenizer)
     return trainer, tokenizer
+
+
+def _build_lora_trainer(recipe, args, start: str, dataset, tokenizer):
+    """SELMTrainer of a use_peft iteration; its reference is exactly the start model π_{t-1} (selm/lora.py)."""
+    from selm.lora import match_reference_precision, policy_and_peft_config
+    from selm.trainer import SELMTrainer
+
+    policy, peft_config = policy_and_peft_config(recipe, start, args.trust_remote_code)
+    trainer = SELMTrainer(policy, ref_model=None, args=args, train_dataset=dataset, processing_class=tokenizer,
+                          peft_config=peft_config)
+    match_reference_precision(trainer.accelerator.unwrap_model(trainer.model))  # for a reference pass per step
+    return trainer
 
 
 def _train(recipe, args, trainer) -> None:

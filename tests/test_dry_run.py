@@ -15,6 +15,8 @@ from conftest import REPO
 # llm-blender's ranker.
 RUN_DRY = """
 import importlib.util, json, sys
+import transformers.trainer_utils  # imports peft where installed, and peft imports one model's code (bloom) itself
+already = set(sys.modules)
 script, argv = sys.argv[1], sys.argv[2:]
 spec = importlib.util.spec_from_file_location("stage_script", script)
 module = importlib.util.module_from_spec(spec)
@@ -24,7 +26,7 @@ for iteration in ("1", "2"):
     code = module.main([*argv, "--iteration", iteration, "--dry_run"])
     assert code in (0, None), code
 print("---")
-model_code = [m for m in sys.modules if m.startswith("llm_blender")
+model_code = [m for m in set(sys.modules) - already if m.startswith("llm_blender")
               or (m.startswith("transformers.models.") and ".modeling_" in m and ".auto." not in m)]
 print(json.dumps({"model_code": sorted(model_code)}))
 """

@@ -242,6 +242,9 @@ def test_rest_rows_start_with_one_bos_as_generation_and_dpo_training_do(name, fi
     (dict(update_rule="replace", candidates="generated"), "needs the dataset's pair among the candidates"),
     (dict(loss_type="hinge", alpha=0.1), "supports only DPO's sigmoid loss"),
     (dict(reference_model="fixed"), "'reference_model' is 'fixed'; expected one of"),
+    (dict(use_peft=True, reference_model="initial"), "'reference_model' initial with 'use_peft' is not supported"),
+    (dict(use_peft=True, update_rule="rest", candidates="generated", rest_threshold=0.5, alpha=0.0),
+     "'use_peft' with 'update_rule' rest is not supported"),
 ])
 def test_method_settings_are_refused_in_one_line(smoke_recipe, overrides, message):
     recipe = smoke_recipe(**overrides)

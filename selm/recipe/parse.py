@@ -252,6 +252,9 @@ def _check_required_and_consistent(recipe: Recipe) -> None:
     from selm.methods import check_method_settings  # which keys each update rule takes
 
     check_method_settings(recipe)
+    from selm.lora import check_model_keys  # use_peft, lora_*, load_in_4bit: honoured or refused, never ignored
+
+    check_model_keys(recipe.model, recipe.explicit_keys, recipe.path)
     from selm.prefix_sharing import check_attention  # prefix sharing needs a kernel that takes a 4-D mask
 
     check_attention(recipe.model.attn_implementation, recipe.training.get("prefix_sharing", "false"),
