@@ -3,7 +3,7 @@
 # missing one.
 #
 #   make demo                       SELM against iterative DPO on CPU, on a task whose reward is exact (README quick start)
-#   make benchmark [SEEDS="10 11"]  the same over seeds, with the paired difference and an alpha sweep
+#   make benchmark [SEEDS="10 11"]  the methods of benchmarks/demo_methods.txt over seeds: paired differences, costs, exploration
 #   make test                       the test suite (CPU, no hub)
 #   make test-fast                  the suite without the tests marked slow (the inner loop, a few minutes)
 #   make smoke                      the 100-sample smoke run of the whole loop (tiny random model, CI)
@@ -144,25 +144,37 @@ demo-task: $(VENV)/.installed
 demo-selm demo-dpo:
 	+$(call demo_run,$(@:demo-%=%),$(DEMO_ROOT)/$(@:demo-%=%),$(DEMO_SEED))
 
-# The seeded benchmark: the demo over SEEDS (reported seeds 10-14; settings were chosen on 0-2), two runs at a time,
-# plus an alpha sweep on the first seed; then mean ± std per iteration and the paired SELM − DPO difference.
+# The seeded benchmark: every method of benchmarks/demo_methods.txt (name, recipe, label; one line each) over SEEDS
+# (reported seeds 10-14; settings were chosen on 0-2), two runs at a time, each followed by its exploration
+# diagnostics (scripts/exploration.py), plus an alpha sweep on the first seed; then mean ± std per iteration, the
+# paired difference of each method against the first (iterative DPO), costs and diagnostics (benchmarks/README.md).
 SEEDS ?= 10 11 12 13 14
 BENCH_ROOT ?= $(RUN_ROOT)/benchmark
-BENCH_RUNS := $(foreach s,$(SEEDS),bench-selm-$(s) bench-dpo-$(s))
+BENCH_METHODS_FILE ?= benchmarks/demo_methods.txt
+HASH := \#
+BENCH_METHODS := $(shell sed -e 's/$(HASH).*//' $(BENCH_METHODS_FILE) | awk 'NF {print $$1}')
+bench_recipe = $(shell sed -e 's/$(HASH).*//' $(BENCH_METHODS_FILE) | awk '$$1 == "$(1)" {print $$2}')
+BENCH_RUNS := $(foreach s,$(SEEDS),$(foreach m,$(BENCH_METHODS),bench-$(m)-$(s)))
+# KL(pi_K || pi_K-1) per iteration: 200 held-out prompts x 4 samples (docs/benchmark.md)
+BENCH_EXPLORATION ?= --kl_prompts 200 --kl_samples 4
 .PHONY: $(BENCH_RUNS) bench-alpha $(addprefix bench-task-,$(SEEDS))
 
 benchmark: $(VENV)/.installed
 	+$(MAKE) --no-print-directory -j2 bench-alpha $(BENCH_RUNS)
-	$(PY) benchmarks/demo_benchmark.py $(BENCH_ROOT) --seeds $(SEEDS) --sweep $(BENCH_ROOT)/alpha-seed$(firstword $(SEEDS))
-	$(PY) scripts/stage_times.py $(foreach s,$(SEEDS),$(BENCH_ROOT)/selm-seed$(s) $(BENCH_ROOT)/dpo-seed$(s)) \
+	$(PY) benchmarks/demo_benchmark.py $(BENCH_ROOT) --seeds $(SEEDS) --methods $(BENCH_METHODS_FILE) \
+	  --sweep $(BENCH_ROOT)/alpha-seed$(firstword $(SEEDS))
+	$(PY) scripts/stage_times.py $(foreach s,$(SEEDS),$(foreach m,$(BENCH_METHODS),$(BENCH_ROOT)/$(m)-seed$(s))) \
 	  $(BENCH_ROOT)/alpha-seed$(firstword $(SEEDS))/alpha-* --since $(DEMO_START)
 
 $(addprefix bench-task-,$(SEEDS)): bench-task-%:
 	$(call demo_task,$*)
 
-$(foreach s,$(SEEDS),$(eval bench-selm-$(s) bench-dpo-$(s) bench-alpha: bench-task-$(s)))
+$(foreach s,$(SEEDS),$(eval $(foreach m,$(BENCH_METHODS),bench-$(m)-$(s)) bench-alpha: bench-task-$(s)))
+bench_dir = $(BENCH_ROOT)/$(word 2,$(subst -, ,$(1)))-seed$(word 3,$(subst -, ,$(1)))
 $(BENCH_RUNS):
-	+$(call demo_run,$(word 2,$(subst -, ,$@)),$(BENCH_ROOT)/$(word 2,$(subst -, ,$@))-seed$(word 3,$(subst -, ,$@)),$(word 3,$(subst -, ,$@)))
+	+@echo "$(call bench_dir,$@): $(word 2,$(subst -, ,$@)) on seed $(word 3,$(subst -, ,$@))" && \
+	$(call drive,$(call bench_recipe,$(word 2,$(subst -, ,$@))),$(call bench_dir,$@),$(call demo_args,$(word 3,$(subst -, ,$@))) $(ARGS),$(PY),$(GPUS),1)
+	$(PY) scripts/exploration.py $(call bench_dir,$@) $(BENCH_EXPLORATION)
 
 BENCH_SWEEP := recipes/sweeps/demo-alpha.yaml --output_root $(BENCH_ROOT)/alpha-seed$(firstword $(SEEDS))
 bench-alpha:

@@ -2,6 +2,7 @@
 sorting task, on seeds 0-2 only (10-14 are the reported seeds and are refused here).
 
     python benchmarks/demo_dev_sweep.py --grid lr [--seeds 0 1 2] [--workdir build/demo-dev]
+    python benchmarks/demo_dev_sweep.py --method best_of_n rso [--configs ...]   # other methods, via the run driver
     python benchmarks/demo_dev_sweep.py --report            # rewrite the markdown from the stored results
 
 Each run is the pipeline in one process, through the stages' own code: per iteration `generate_stage` (greedy, hf
@@ -12,7 +13,8 @@ SELM from the same saved base with the same portions and seed. Results are appen
 benchmarks/results/demo_dev_sweep.jsonl (a finished run is not redone) and tabulated in benchmarks/demo_dev_sweep.md
 (the text above its marker line is kept), with the alpha grid in benchmarks/demo_dev_sweep_alpha.png. Grids run for
 the demo: lr, beta_lr, portion, alpha, alpha_p500 (about 2 hours in all on 2 shared cores, two
-processes at a time with --configs).
+processes at a time with --configs). `--method NAME` searches another method's settings instead
+(benchmarks/demo_dev_methods.py: its demo recipe through the run driver, as `make benchmark` runs it).
 """
 
 import argparse
@@ -176,6 +178,8 @@ def run_method(seed, recipe: dict, run_dir: Path, test_prompts, log) -> dict:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--grid", choices=sorted(GRIDS))
+    parser.add_argument("--method", nargs="+", help="Methods of benchmarks/demo_methods.txt to search (their grids: "
+                        "benchmarks/demo_dev_methods.py), or 'all'.")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--configs", nargs="+", help="Only these configurations of the grid.")
     parser.add_argument("--workdir", default=str(REPO / "build/demo-dev"))
@@ -184,8 +188,28 @@ def main(argv=None):
     check_seeds(opts.seeds)
     if opts.grid:
         run_grid(opts)
+    if opts.method:
+        run_methods(opts)
     write_report()
 
+
+def run_methods(opts):
+    """--method NAME [NAME ...] (or all): the method grids of benchmarks/demo_dev_methods.py, seed by seed."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from demo_benchmark import read_methods
+    from demo_dev_methods import METHOD_GRIDS, run_method_grid
+
+    recipes = {m["name"]: m["recipe"] for m in read_methods(REPO / "benchmarks/demo_methods.txt")}
+    known = [m for m in METHOD_GRIDS if m in recipes]
+    names = known if opts.method == ["all"] else opts.method
+    unknown = [m for m in names if m not in known]
+    if unknown:
+        sys.exit(f"--method {' '.join(unknown)}: not in both benchmarks/demo_methods.txt and "
+                 f"demo_dev_methods.METHOD_GRIDS (both: {known})")
+    done = {r["key"] for r in load_results()}
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    run_method_grid({m: recipes[m] for m in names}, opts.seeds, opts.configs, Path(opts.workdir) / "methods",
+                    RESULTS, done)
 
 def run_grid(opts):
     import shutil
@@ -247,8 +271,9 @@ def _mean(values):
 
 
 def write_report():
-    results = load_results()
-    if not results:
+    everything = load_results()
+    results = [r for r in everything if r.get("kind") != "method"]
+    if not everything:
         return
     old = REPORT.read_text(encoding="utf-8") if REPORT.is_file() else ""
     kept = old.split(MARKER)[0] if MARKER in old else "# Development-seed sweep behind `make demo` (seeds 0-2 only)\n\n"
@@ -304,6 +329,10 @@ def write_report():
                 cells.append(f"{delta:+.4f}" if delta is not None else "–")
                 lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from demo_dev_methods import method_report
+
+    lines += method_report(everything)
     REPORT.write_text("\n".join(lines) + "\n", encoding="utf-8")
     print(f"wrote {REPORT}")
     plot_alpha(results)

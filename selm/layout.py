@@ -3,6 +3,7 @@
     <run_dir>/recipe.yaml                 the frozen recipe (recipe + overlay + overrides)
     <run_dir>/run_info.json               what ran, where, with which software
     <run_dir>/summary.{json,md,png}       the run's summary; eval_metric.png, eval_rewards.png its figures
+    <run_dir>/exploration.{json,md}       exploration diagnostics and costs per iteration (selm/exploration.py)
     <run_dir>/logs/<stage>.log            a stage's output when the run logs stages to files
     <run_dir>/.error-<stage>              a launched stage's error line, repeated after its launcher's report
     <iter>/portion.parquet                the iteration's slice of the preference data
@@ -45,6 +46,7 @@ FROZEN_RECIPE = "recipe.yaml"
 RUN_INFO = "run_info.json"
 SUMMARY_JSON, SUMMARY_MD, SUMMARY_PNG = "summary.json", "summary.md", "summary.png"
 EVAL_METRIC_PNG, EVAL_REWARDS_PNG = "eval_metric.png", "eval_rewards.png"
+EXPLORATION_JSON, EXPLORATION_MD = "exploration.json", "exploration.md"
 LOGS = "logs"
 # Files of a comparison's output directory (selm/comparison.py: several runs side by side).
 COMPARISON_JSON, COMPARISON_MD = "comparison.json", "comparison.md"
