@@ -127,8 +127,12 @@ def dry_run_preview(recipe, stage: str) -> str:
     if stage == "generate":
         what, ids = "prompt with the generation prompt", tokens.encode(prompt_messages(row), add_generation_prompt=True)
     else:
-        example = to_trainer_format(row)
-        what, ids = "prompt + chosen", tokens.encode(example["prompt"] + example["chosen"])
+        from selm.rest_training import is_rest
+
+        example = to_trainer_format(row)  # ReST's row: its chosen is the kept response, trained with the SFT loss
+        what = ("prompt + kept response (ReST: supervised loss on the response only)" if is_rest(recipe)
+                else "prompt + chosen")
+        ids = tokens.encode(example["prompt"] + example["chosen"])
     bos = (f"starts with {tokenizer.decode(tokens.bos_prefix)!r} once (the tokenizer adds it by default)"
            if tokens.bos_prefix else "no BOS (the tokenizer adds none by default)")
     end = end_of_turn_id(tokenizer)

@@ -171,6 +171,20 @@ def test_rest_stage_writes_one_row_per_kept_response(smoke_recipe):
     assert [r["prompt_id"] for r in ranked] == [rows[i]["prompt_id"] for i in (0, 3, 6)]
 
 
+def test_rest_dry_run_shows_a_kept_response_as_what_it_trains(smoke_recipe, capsys):
+    from selm.cli import run_stage
+    from selm.training import train_stage
+
+    recipe = rest_recipe(smoke_recipe, rest_threshold=[1.0, 0.0])
+    write_generated(recipe, num_rows=9)
+    assert run_rank(recipe) == 0
+    capsys.readouterr()
+    assert run_stage("train", train_stage, [str(recipe), "--iteration", "1", "--dry_run"]) == 0
+    preview = [line for line in capsys.readouterr().out.splitlines() if line.startswith("# train dry run")]
+    assert len(preview) == 1 and "ranked.parquet" in preview[0]
+    assert "prompt + kept response (ReST: supervised loss on the response only)" in preview[0]
+
+
 def test_rest_trains_the_start_model_on_the_kept_responses_with_the_loss_on_the_completion_only(smoke_recipe,
                                                                                                 tiny_model_dir):
     from transformers import AutoTokenizer
