@@ -10,6 +10,7 @@
 #   make zephyr-selm ITER=3         the paper's Zephyr recipe on a GPU node (NUM_GPUS=8)
 #   make zephyr-selm REHEARSAL=1 ITER=1   the same target, recipe and launchers on CPU with tiny stand-ins
 #   make zephyr-selm-qlora ITER=3   the QLoRA recipe on one GPU (NUM_GPUS=1; also zephyr-dpo-qlora, llama3-*-qlora)
+#   make zephyr-best-of-n ITER=3    best-of-n iterative DPO with PairRM (also llama3-best-of-n-rm: a reward model)
 #   make run RECIPE=path.yaml ITER=2 RUN_DIR=runs/x ARGS="--beta 0.05"
 #   make sweep SWEEP=recipes/sweeps/zephyr-alpha.yaml
 #   make compare RUNS="runs/a runs/b" [ITER=K] [OUT=dir]   held-out metrics and figures of several runs
@@ -36,6 +37,8 @@ PAPER_ROOT := $(RUN_ROOT)/rehearsal
 PAPER_NEEDS := rehearsal-models
 # Each paper target rehearses on the stand-in of its own model's tokenizer files (make paper-tokenizers)
 rehearsal_model = --model_name_or_path build/paper/$(1)
+# ... and a recipe ranked by a reward model is scored by the tiny one (the overlay's ranker is PairRM's stand-in)
+REHEARSAL_RM := --ranker_model_name_or_path build/tiny-rm
 export OMP_NUM_THREADS ?= 1
 # vLLM's engine in its caller's process: one vLLM import per worker instead of three (an engine starts in ~20 s)
 export VLLM_ENABLE_V1_MULTIPROCESSING ?= 0
@@ -106,7 +109,10 @@ build/paper/%/config.json: | $(VENV)/.installed
 
 paper-tokenizers: $(foreach n,$(PAPER_STANDINS),build/paper/$(n)/config.json)
 
-rehearsal-models: tiny build/tiny-pairrm/config.json paper-tokenizers
+build/tiny-rm/config.json: | $(VENV)/.installed
+	$(PY) scripts/build_tiny_model.py build/tiny-rm --kind reward_model
+
+rehearsal-models: tiny build/tiny-pairrm/config.json build/tiny-rm/config.json paper-tokenizers
 
 # ---------------------------------------------------------------- quick start
 test: $(VENV)/.installed
@@ -216,6 +222,18 @@ llama3-selm: $(PAPER_NEEDS)
 llama3-dpo: $(PAPER_NEEDS)
 	$(call paper_preflight,recipes/llama-3-8b-instruct/dpo.yaml,llama3-dpo,)
 	+$(call paper_run,recipes/llama-3-8b-instruct/dpo.yaml,llama3-dpo,$(call rehearsal_model,llama3))
+
+# Best-of-n iterative DPO on the paper models (docs/methods.md). Zephyr's shares iteration 0 with zephyr-selm and
+# zephyr-dpo (the same DPO on the dataset's pairs); REHEARSAL=1 scores Llama-3's with the tiny reward model.
+BEST_OF_N_TARGETS := zephyr-best-of-n llama3-best-of-n-rm
+.PHONY: $(BEST_OF_N_TARGETS)
+zephyr-best-of-n: $(PAPER_NEEDS)
+	$(call paper_preflight,recipes/zephyr-7b-sft/best_of_n.yaml,$@,$(ZEPHYR_ITER0))
+	+$(call paper_run,recipes/zephyr-7b-sft/best_of_n.yaml,$@,$(ZEPHYR_ITER0) $(call rehearsal_model,zephyr))
+
+llama3-best-of-n-rm: $(PAPER_NEEDS)
+	$(call paper_preflight,recipes/llama-3-8b-instruct/best_of_n_rm.yaml,$@,)
+	+$(call paper_run,recipes/llama-3-8b-instruct/best_of_n_rm.yaml,$@,$(call rehearsal_model,llama3) $(REHEARSAL_RM))
 
 # One GPU: the QLoRA recipes (recipes/*/{selm,dpo}_qlora.yaml, docs/one-gpu.md), NUM_GPUS=1 unless given (more GPUs:
 # plain data parallel, ddp.yaml). REHEARSAL=1: 2 CPU processes (cpu_ddp.yaml), the 4-bit base through bitsandbytes

@@ -311,7 +311,8 @@ def test_make_n_shows_the_papers_zephyr_plan(tmp_path):
 
 
 @pytest.mark.parametrize("target", ["demo", "benchmark", "smoke", "smoke-dpo", "zephyr-selm", "zephyr-dpo",
-                                    "llama3-selm", "llama3-dpo", "sweep", "compare"])
+                                    "llama3-selm", "llama3-dpo", "zephyr-best-of-n", "llama3-best-of-n-rm", "sweep",
+                                    "compare"])
 def test_make_n_of_every_named_target_writes_nothing_and_honours_run_root(target, tmp_path):
     extra = {"sweep": ["SWEEP=recipes/sweeps/smoke-alpha.yaml", "SWEEP_ROOT=" + str(tmp_path / "sweep")],
              "compare": [f"RUNS={tmp_path}/a {tmp_path}/b"]}.get(target, [])

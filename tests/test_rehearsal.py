@@ -74,7 +74,8 @@ def test_zephyr_selm_then_dpo_rehearsed_on_cpu_share_iteration_zero(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["rehearsal"]  # nothing outside RUN_ROOT/rehearsal
 
 
-@pytest.mark.parametrize("target", ["zephyr-selm", "zephyr-dpo", "llama3-selm", "llama3-dpo", "sweep"])
+@pytest.mark.parametrize("target", ["zephyr-selm", "zephyr-dpo", "llama3-selm", "llama3-dpo", "sweep",
+                                    "zephyr-best-of-n", "llama3-best-of-n-rm"])
 def test_every_paper_target_accepts_rehearsal(target, tmp_path):
     extra = ["SWEEP=recipes/sweeps/zephyr-alpha.yaml"] if target == "sweep" else []
     out = make("-n", target, "REHEARSAL=1", f"RUN_ROOT={tmp_path}", *extra)
@@ -87,6 +88,11 @@ def test_every_paper_target_accepts_rehearsal(target, tmp_path):
     family = "llama3" if "llama3" in target else "zephyr"  # the sweep file is zephyr-alpha.yaml
     freezes = [line for line in out.splitlines() if "scripts/freeze_recipe.py" in line]
     assert freezes and all(f"--model_name_or_path build/paper/{family} " in line + " " for line in freezes)
+    # a recipe ranked by a reward model rehearses on the tiny reward model, the others on PairRM's stand-in
+    ranker = "--ranker_model_name_or_path build/tiny-rm"
+    assert all((ranker in line) == (target == "llama3-best-of-n-rm") for line in freezes)
+    if target.startswith("zephyr-"):  # every Zephyr target shares the one iteration 0
+        assert all(f"--iteration_zero_dir {tmp_path}/rehearsal/zephyr-iter0" in line for line in freezes)
     assert not tmp_path.exists() or not list(tmp_path.iterdir())  # make -n writes nothing
 
 
