@@ -411,3 +411,17 @@ def test_a_shared_iteration_zero_is_shared_whatever_reference_model_says(smoke_r
     other = smoke_recipe(**common, reference_model="initial", beta=0.05, output_dir=str(tmp_path / "other"))
     with pytest.raises(SELMError, match=r"other settings \(training.beta\)"):
         check_shared_iteration_zero(parse_recipe([str(other), "--iteration", "0"])[0])
+
+
+def test_zephyr_best_of_n_reuses_the_iteration_zero_of_zephyr_selm(tmp_path):
+    # make zephyr-best-of-n passes zephyr-selm's iteration_zero_dir: nothing iteration 0 trains with may differ
+    from conftest import REPO
+    from selm.io import write_text
+    from selm.training import check_shared_iteration_zero
+
+    shared = ["--iteration", "0", "--iteration_zero_dir", str(tmp_path / "iter0"), "--num_processes", "8"]
+    selm = parse_recipe([str(REPO / "recipes/zephyr-7b-sft/selm.yaml"), *shared])[0]
+    best_of_n = parse_recipe([str(REPO / "recipes/zephyr-7b-sft/best_of_n.yaml"), *shared])[0]
+    write_text(selm.iter_dir() / "train_config.yaml", selm.to_yaml())  # as zephyr-selm's iteration 0 leaves it
+    check_shared_iteration_zero(best_of_n)
+    assert best_of_n.iter_dir() == selm.iter_dir() and best_of_n.generation.num_responses == 4
