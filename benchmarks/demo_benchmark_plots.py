@@ -14,6 +14,16 @@ def _plt():
     return plt
 
 
+def _grid_and_legend(ax) -> None:
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+
+
+def _finish(plt, fig, path) -> None:
+    fig.tight_layout()
+    _save(plt, fig, path)
+
+
 def _save(plt, fig, path) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
@@ -40,8 +50,7 @@ def plot_curves(result: dict, path) -> None:
     ax.set_xticks(range(len(its)), its)
     ax.set(title="Held-out mean true reward (mean ± std over seeds; thin: each seed)",
            xlabel="iteration (base = the SFT model)", ylabel="held-out mean true reward")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    _grid_and_legend(ax)
     bx.axhline(0.0, color="grey", linewidth=1)
     others = names[1:]
     for i, m in enumerate(others, start=1):
@@ -54,10 +63,8 @@ def plot_curves(result: dict, path) -> None:
     bx.set_xticks(range(len(its)), its)
     bx.set(title=f"Paired difference against {label[names[0]]}\n(mean and 95% t interval over seeds)",
            xlabel="iteration", ylabel=f"held-out mean, method − {label[names[0]]}")
-    bx.grid(alpha=0.3)
-    bx.legend(fontsize=8)
-    fig.tight_layout()
-    _save(plt, fig, path)
+    _grid_and_legend(bx)
+    _finish(plt, fig, path)
 
 
 def plot_reward_vs_calls(result: dict, path) -> None:
@@ -73,10 +80,8 @@ def plot_reward_vs_calls(result: dict, path) -> None:
     ax.set(title=f"Held-out reward against ranker calls (mean over {len(result['seeds'])} seeds; one point per "
                  "iteration)", xlabel="cumulative ranker calls (candidates scored in the rank stage)",
            ylabel="held-out mean true reward")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    _save(plt, fig, path)
+    _grid_and_legend(ax)
+    _finish(plt, fig, path)
 
 
 def plot_diagnostics(result: dict, path) -> None:
@@ -99,8 +104,7 @@ def plot_diagnostics(result: dict, path) -> None:
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.suptitle(f"Exploration diagnostics (mean ± std over {len(result['seeds'])} seeds)")
-    fig.tight_layout()
-    _save(plt, fig, path)
+    _finish(plt, fig, path)
 
 
 def plot_sweep(sweep: list[dict], seed: int, path) -> None:
